@@ -1,0 +1,115 @@
+"""Saliency-aware Noise Blending (SNB), the per-pixel selection at the heart of MagicFusion.
+
+Pure tensor code: torch only, no WebUI import. Everything here works on any latent size,
+any batch and any number of models (index 0 is the general model and wins ties).
+
+The operators follow the official MagicFusion code exactly:
+
+    S = channel_mean( bilinear_resize_to_HW( avg_pool(|delta|, kernel=blur, stride=1, padding=1) ) )
+    P = softmax over the H*W positions of k * S        (per sample)
+    mask = argmax over models of P                     (first maximum wins)
+
+`delta` is a model's guidance term in epsilon space, s * (eps_cond - eps_uncond).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["saliency", "saliency_maps", "fusion_mask", "blend", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype saliency is computed in: float32 at least, float64 kept."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_blur(blur: int, height: int, width: int) -> None:
+    if isinstance(blur, bool) or not isinstance(blur, int) or blur < 0:
+        raise ValueError(f"MagicFusion: blur must be a non-negative integer, got {blur!r}")
+    if blur > 1 and min(height, width) + 3 <= blur:
+        raise ValueError(f"MagicFusion: blur {blur} is too large for a {height}x{width} latent")
+
+
+def _blurred_abs(delta: torch.Tensor, blur: int) -> torch.Tensor:
+    """|delta| box-blurred as the official code does, then averaged over channels -> (N,1,H,W)."""
+    height, width = delta.shape[-2:]
+    _check_blur(blur, height, width)
+    magnitude = delta.to(compute_dtype(delta.dtype)).abs()
+    if blur > 1:
+        # AvgPool2d(kernel, stride=1, padding=1) with the zero padding counted, then a
+        # bilinear resize back to the latent's own size (align_corners=False, no antialias).
+        magnitude = F.avg_pool2d(magnitude, kernel_size=blur, stride=1, padding=1, count_include_pad=True)
+        if magnitude.shape[-2:] != (height, width):
+            magnitude = F.interpolate(magnitude, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
+    return magnitude.mean(dim=1, keepdim=True)
+
+
+def _softmax_hw(maps: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:
+    n, _, height, width = maps.shape
+    scaled = maps.reshape(n, height * width) * k
+    return torch.softmax(scaled, dim=1).reshape(n, 1, height, width)
+
+
+def saliency(delta: torch.Tensor, k: float, blur: int = 4) -> torch.Tensor:
+    """Normalised saliency map of one model's guidance term.
+
+    delta: (B, C, H, W) guidance term s*(eps_cond - eps_uncond) in epsilon space.
+    Returns (B, 1, H, W) in float32 (float64 for float64 input); each sample sums to 1.
+    """
+    if delta.dim() != 4:
+        raise ValueError(f"MagicFusion: delta must have shape (B, C, H, W), got {tuple(delta.shape)}")
+    return _softmax_hw(_blurred_abs(delta, blur), float(k))
+
+
+def saliency_maps(deltas: Sequence[torch.Tensor], ks: Sequence[float], blur: int = 4) -> torch.Tensor:
+    """Saliency of several models at once -> (N_models, B, 1, H, W).
+
+    The models are stacked into one batch so the blur and softmax run once; every row is
+    computed independently, so the result equals calling `saliency` per model.
+    """
+    if len(deltas) != len(ks):
+        raise ValueError(f"MagicFusion: got {len(deltas)} guidance terms but {len(ks)} k values")
+    if len(deltas) < 1:
+        raise ValueError("MagicFusion: no guidance terms to compare")
+    shape = deltas[0].shape
+    for d in deltas:
+        if d.shape != shape:
+            raise ValueError(f"MagicFusion: guidance terms differ in shape: {tuple(shape)} vs {tuple(d.shape)}")
+    if len(shape) != 4:
+        raise ValueError(f"MagicFusion: delta must have shape (B, C, H, W), got {tuple(shape)}")
+    batch = shape[0]
+    dtype = compute_dtype(deltas[0].dtype)
+    stacked = torch.cat([d.to(dtype) for d in deltas], dim=0)
+    maps = _blurred_abs(stacked, blur)
+    k_rows = torch.tensor([float(k) for k in ks], dtype=dtype, device=maps.device).repeat_interleave(batch)
+    probs = _softmax_hw(maps, k_rows[:, None])
+    return probs.reshape(len(deltas), batch, 1, *shape[-2:])
+
+
+def fusion_mask(deltas: Sequence[torch.Tensor], ks: Sequence[float], blur: int = 4) -> torch.Tensor:
+    """Index of the most salient model per pixel -> LongTensor (B, 1, H, W).
+
+    Index 0 is the general (main) model; on ties the lowest index wins.
+    """
+    if len(deltas) < 2:
+        raise ValueError("MagicFusion: fusion needs at least two models")
+    return torch.argmax(saliency_maps(deltas, ks, blur), dim=0)
+
+
+def blend(preds: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Per pixel, all channels of the winning model's prediction, exactly.
+
+    preds: N tensors (B, C, H, W) of one dtype; mask: (B, 1, H, W) integer indices into preds.
+    """
+    if len(preds) < 1:
+        raise ValueError("MagicFusion: nothing to blend")
+    out = preds[0]
+    for index in range(1, len(preds)):
+        if preds[index].shape != out.shape:
+            raise ValueError(f"MagicFusion: predictions differ in shape: {tuple(out.shape)} vs {tuple(preds[index].shape)}")
+        out = torch.where(mask == index, preds[index], out)
+    return out.clone() if out is preds[0] else out

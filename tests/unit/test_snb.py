@@ -1,0 +1,128 @@
+"""Property and golden tests of the SNB operators."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from lib_magicfusion import snb
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 12), st.integers(1, 12))
+
+
+def tensor(shape, seed, scale=1.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def valid_blur(shape, blur):
+    return blur if blur <= 1 or min(shape[-2:]) + 3 > blur else 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes, st.integers(0, 6), st.floats(0, 20), st.integers(0, 2**31 - 1))
+def test_saliency_is_a_distribution_over_pixels(shape, blur, k, seed):
+    blur = valid_blur(shape, blur)
+    s = snb.saliency(tensor(shape, seed), k, blur)
+    assert s.shape == (shape[0], 1, *shape[2:])
+    assert s.dtype == torch.float32
+    assert torch.all(s >= 0)
+    torch.testing.assert_close(s.sum(dim=(1, 2, 3)), torch.ones(shape[0]), rtol=0, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes, st.integers(2, 4), st.integers(0, 5), st.lists(st.floats(0, 10), min_size=4, max_size=4), st.integers(0, 2**31 - 1))
+def test_mask_indices_are_valid_and_blend_picks_exactly(shape, n, blur, ks, seed):
+    blur = valid_blur(shape, blur)
+    deltas = [tensor(shape, seed + i) for i in range(n)]
+    mask = snb.fusion_mask(deltas, ks[:n], blur)
+    assert mask.dtype == torch.int64 and mask.shape == (shape[0], 1, *shape[2:])
+    assert int(mask.min()) >= 0 and int(mask.max()) < n
+    preds = [tensor(shape, 1000 + seed + i) for i in range(n)]
+    out = snb.blend(preds, mask)
+    for i in range(n):
+        chosen = (mask == i).expand(shape)
+        assert torch.equal(out[chosen], preds[i][chosen])
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.integers(2, 4), st.integers(0, 5), st.floats(0, 10), st.integers(0, 2**31 - 1))
+def test_ties_go_to_the_general_model(shape, n, blur, k, seed):
+    blur = valid_blur(shape, blur)
+    delta = tensor(shape, seed)
+    mask = snb.fusion_mask([delta] * n, [k] * n, blur)
+    assert torch.all(mask == 0)
+    # A flat map everywhere (k = 0) ties every pixel too.
+    mask = snb.fusion_mask([tensor(shape, seed + i) for i in range(n)], [0.0] * n, blur)
+    assert torch.all(mask == 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes, st.integers(0, 5), st.floats(0.1, 5), st.integers(0, 2**31 - 1))
+def test_each_sample_is_independent_of_the_batch(shape, blur, k, seed):
+    blur = valid_blur(shape, blur)
+    a, b = tensor(shape, seed), tensor(shape, seed + 1)
+    mask = snb.fusion_mask([a, b], [1.0, k], blur)
+    for i in range(shape[0]):
+        alone = snb.fusion_mask([a[i:i + 1], b[i:i + 1]], [1.0, k], blur)
+        assert torch.equal(alone, mask[i:i + 1])
+
+
+def test_golden_official_operators():
+    """The official chain, written out with torch's modules as the official code builds it."""
+    delta = tensor((2, 4, 64, 64), 7) * 3
+    pool = torch.nn.AvgPool2d(kernel_size=4, stride=1, padding=1)
+    expected = F.interpolate(pool(delta.abs()), size=(64, 64), mode="bilinear", align_corners=False)
+    expected = expected.mean(dim=1, keepdim=True)
+    expected = torch.softmax(expected.reshape(2, -1) * 1.5, dim=1).reshape(2, 1, 64, 64)
+    assert torch.equal(snb.saliency(delta, 1.5, 4), expected)
+
+
+def test_golden_hand_computed_border_counts_zero_padding():
+    """A constant map of ones: the 4x4 box with padding 1 divides border sums by 16."""
+    ones = torch.ones(1, 1, 5, 5, dtype=torch.float64)
+    pooled = F.avg_pool2d(ones, 4, 1, 1)  # 4x4 output
+    assert pooled[0, 0, 0, 0].item() == 9 / 16 and pooled[0, 0, 1, 1].item() == 1.0
+    s = snb.saliency(ones, 0.0, 4)
+    assert torch.allclose(s, torch.full_like(s, 1 / 25))
+    # With k > 0 the brighter interior outweighs the darker border.
+    s = snb.saliency(ones, 10.0, 4)
+    assert s[0, 0, 2, 2] > s[0, 0, 0, 0]
+
+
+def test_no_blur_means_plain_channel_mean():
+    delta = tensor((1, 4, 6, 6), 3)
+    for blur in (0, 1):
+        expected = torch.softmax(delta.abs().mean(1).reshape(1, -1) * 2.0, dim=1).reshape(1, 1, 6, 6)
+        assert torch.equal(snb.saliency(delta, 2.0, blur), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_are_measured_in_float32(dtype):
+    a, b = tensor((2, 4, 32, 32), 1, dtype=dtype), tensor((2, 4, 32, 32), 2, dtype=dtype)
+    mask = snb.fusion_mask([a, b], [1.0, 1.0], 4)
+    reference = snb.fusion_mask([a.float(), b.float()], [1.0, 1.0], 4)
+    assert torch.equal(mask, reference)
+    assert snb.saliency(a, 1.0).dtype == torch.float32
+
+
+def test_expert_share_follows_the_temperature():
+    """k is a focus, not a strength: a larger k_e makes the expert claim fewer pixels."""
+    a, b = tensor((4, 4, 64, 64), 11), tensor((4, 4, 64, 64), 12)
+    shares = [float(snb.fusion_mask([a, b], [1.0, k], 0).float().mean()) for k in (0.0, 1.0, 2.0, 5.0)]
+    assert shares == sorted(shares, reverse=True)
+    assert shares[0] > 0.5 > shares[-1]
+
+
+def test_bad_inputs_name_magicfusion():
+    with pytest.raises(ValueError, match="MagicFusion"):
+        snb.saliency(torch.zeros(4, 8, 8), 1.0)
+    with pytest.raises(ValueError, match="MagicFusion: blur"):
+        snb.saliency(torch.zeros(1, 4, 2, 2), 1.0, blur=9)
+    with pytest.raises(ValueError, match="at least two"):
+        snb.fusion_mask([torch.zeros(1, 4, 8, 8)], [1.0])
+    with pytest.raises(ValueError, match="differ in shape"):
+        snb.fusion_mask([torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 9)], [1.0, 1.0])
+    assert not math.isnan(float(snb.saliency(torch.zeros(1, 4, 8, 8), 1.0).sum()))
