@@ -21,8 +21,9 @@ MAX_TEXT = 20_000
 class MagicFusionError(ValueError):
     """Invalid MagicFusion input or a fusion that cannot run; names the offending field."""
 
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None, status_code: int = 422):
         self.field = field
+        self.status_code = status_code  # read by the WebUI's API error handler
         where = f" {field}" if field else ""
         super().__init__(f"MagicFusion{where}: {message}")
 
@@ -108,7 +109,7 @@ class FusionParams:
         for f in dataclasses.fields(cls):
             key = f.metadata["infotext"]
             if key and key in params:
-                values[f.name] = _from_text(f, params[key])
+                values[f.name] = parse_infotext_value(f, params[key])
         return cls(**values)
 
     # ---- views ------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def _from_text(f: dataclasses.Field, text: Any) -> Any:
+def parse_infotext_value(f: dataclasses.Field, text: Any) -> Any:
     """Parse one infotext value (a string) into the field's type."""
     kind = f.metadata["kind"]
     if not isinstance(text, str):

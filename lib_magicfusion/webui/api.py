@@ -1,0 +1,59 @@
+"""HTTP routes: version, params schema, expert status and unloading. They honour --api-auth."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from modules import call_queue, shared
+
+from .. import __version__
+from ..params import FusionParams
+from . import expert as experts
+from . import sampling
+
+PREFIX = "/magicfusion/v1"
+
+
+def _credentials() -> dict[str, str]:
+    text = getattr(shared.cmd_opts, "api_auth", None)
+    if not text:
+        return {}
+    return dict(item.split(":", 1) for item in text.strip('"').replace("\n", "").split(",") if ":" in item)
+
+
+def _auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic(auto_error=False))):
+    allowed = _credentials()
+    if not allowed:
+        return True
+    if credentials is not None and credentials.username in allowed and \
+            secrets.compare_digest(credentials.password, allowed[credentials.username]):
+        return True
+    raise HTTPException(status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+
+def status() -> dict:
+    e = experts.cache.expert
+    return {
+        "version": __version__,
+        "expert_loaded": e.title if e is not None else None,
+        "expert_bytes": experts.expert_memory_bytes(e),
+        "expert_loads": experts.cache.loads,
+    }
+
+
+def unload() -> dict:
+    with call_queue.queue_lock:
+        sampling.start(None)
+        freed = experts.cache.unload()
+    return {"unloaded": freed, **status()}
+
+
+def register(app: FastAPI) -> None:
+    deps = [Depends(_auth)]
+    app.add_api_route(f"{PREFIX}/version", lambda: {"version": __version__}, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/schema", FusionParams.json_schema, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/unload", unload, methods=["POST"], dependencies=deps)

@@ -1,0 +1,495 @@
+"""Start and stop a real AUTOMATIC1111 WebUI for the sd-webui-magicfusion tests.
+
+Used as a pytest session fixture (see ``conftest.py``) and as a command-line tool::
+
+    python tests/webui/server.py            # start, print the URL, serve until Ctrl-C
+    python tests/webui/server.py --smoke    # start, make one 64x64 image, stop
+    python tests/webui/server.py --fixtures # only (re)build the tiny checkpoints
+
+Any Python >= 3.9 runs this file (stdlib only; the client helpers also need requests,
+numpy and Pillow). The WebUI itself and the fixture generator run under the WebUI's
+own Python.
+
+Environment variables:
+
+``MAGICFUSION_WEBUI_DIR``
+    the A1111 install (default ``~/stable-diffusion-webui``).
+``MAGICFUSION_WEBUI_PYTHON``
+    its Python (default ``$MAGICFUSION_WEBUI_DIR/venv/bin/python``).
+``MAGICFUSION_WEBUI_CACHE``
+    where generated fixtures are cached (default
+    ``${XDG_CACHE_HOME:-~/.cache}/sd-webui-magicfusion/webui-fixtures``).
+``MAGICFUSION_WEBUI_STARTUP_TIMEOUT``
+    seconds to wait for the API (default 300).
+``MAGICFUSION_WEBUI_KEEP``
+    set to 1 to keep the private data dir (with ``webui.log``) after stopping.
+
+The server always runs offline (``--skip-prepare-environment``, ``HF_HUB_OFFLINE=1``,
+``TRANSFORMERS_OFFLINE=1``, a private ``HF_HOME``), bound to 127.0.0.1 on a free port,
+with a private ``--data-dir``. The repo is linked into that data dir's ``extensions/``
+(A1111 reads extensions from ``<data-dir>/extensions``), so the install is not modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, ClassVar
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
+EXTENSION_NAME = "sd-webui-magicfusion"
+GENERATOR = os.path.join(HERE, "make_fixtures.py")
+
+ENV_DIR = "MAGICFUSION_WEBUI_DIR"
+ENV_PYTHON = "MAGICFUSION_WEBUI_PYTHON"
+ENV_CACHE = "MAGICFUSION_WEBUI_CACHE"
+ENV_TIMEOUT = "MAGICFUSION_WEBUI_STARTUP_TIMEOUT"
+ENV_KEEP = "MAGICFUSION_WEBUI_KEEP"
+
+DEFAULT_STARTUP_TIMEOUT = 300.0  # a cold start on a 2-core machine takes ~10 s; be generous
+FIXTURE_TIMEOUT = 900.0
+CHECKPOINTS = ("tiny-eps-a", "tiny-eps-b", "tiny-v")
+
+WEBUI_FLAGS = [
+    "--skip-prepare-environment",  # no git clones / pip installs: required offline
+    "--skip-torch-cuda-test",
+    "--skip-version-check",
+    "--use-cpu", "all",
+    "--no-half", "--no-half-vae", "--precision", "full",
+    "--api", "--nowebui",
+    "--no-download-sd-model",
+    "--server-name", "127.0.0.1",  # without it --nowebui binds 0.0.0.0 (uvicorn host=None)
+]
+
+
+class WebUINotFound(RuntimeError):
+    pass
+
+
+class WebUIStartError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- install
+
+def find_install() -> tuple[str, str]:
+    """Return (webui_dir, python) or raise WebUINotFound with the reason."""
+    root = os.path.abspath(os.path.expanduser(os.environ.get(ENV_DIR) or "~/stable-diffusion-webui"))
+    src = f"${ENV_DIR}" if os.environ.get(ENV_DIR) else "the default"
+    if not os.path.isfile(os.path.join(root, "launch.py")):
+        raise WebUINotFound(f"no A1111 WebUI at {root} ({src}): {root}/launch.py is missing. "
+                            f"Set {ENV_DIR} to an A1111 1.10.x install.")
+    if not os.path.isdir(os.path.join(root, "repositories", "stable-diffusion-stability-ai", "ldm")):
+        raise WebUINotFound(f"{root}/repositories/stable-diffusion-stability-ai is missing "
+                            f"(the install's repositories/ are not set up; see tests/webui/README.md)")
+    py = os.environ.get(ENV_PYTHON) or os.path.join(root, "venv", "bin", "python")
+    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
+        raise WebUINotFound(f"the WebUI's Python {py} does not exist or is not executable "
+                            f"(set {ENV_PYTHON})")
+    return root, py
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def _cache_root() -> str:
+    if os.environ.get(ENV_CACHE):
+        return os.path.abspath(os.path.expanduser(os.environ[ENV_CACHE]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, EXTENSION_NAME, "webui-fixtures")
+
+
+def fixture_key(python: str, webui_dir: str) -> str:
+    h = hashlib.sha256()
+    with open(GENERATOR, "rb") as f:
+        h.update(f.read())
+    h.update(b"\0" + os.path.abspath(python).encode() + b"\0" + os.path.realpath(webui_dir).encode())
+    return h.hexdigest()[:16]
+
+
+def ensure_fixtures(webui_dir: str, python: str, log=print) -> str:
+    """Generate the tiny checkpoints once per generator version; return their directory."""
+    out = os.path.join(_cache_root(), fixture_key(python, webui_dir))
+    manifest = os.path.join(out, "manifest.json")
+    if os.path.isfile(manifest):
+        return out
+    os.makedirs(_cache_root(), exist_ok=True)
+    lock_path = out + ".lock"
+    with open(lock_path, "w") as lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest process may be generating
+        except ImportError:  # pragma: no cover - non-POSIX
+            pass
+        if os.path.isfile(manifest):
+            return out
+        log(f"[webui] generating tiny checkpoints in {out} ...")
+        t0 = time.monotonic()
+        env = dict(os.environ, **{ENV_DIR: webui_dir}, HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+        r = subprocess.run([python, GENERATOR, "--out", out, "--webui-dir", webui_dir], check=False,
+                           cwd=webui_dir, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=FIXTURE_TIMEOUT)
+        if r.returncode != 0 or not os.path.isfile(manifest):
+            raise WebUIStartError(f"make_fixtures.py failed (rc={r.returncode}):\n{r.stdout[-4000:]}")
+        log(f"[webui] fixtures ready in {time.monotonic() - t0:.1f} s")
+    return out
+
+
+# --------------------------------------------------------------------------- extension
+
+def link_extension(extensions_dir: str, repo_root: str = REPO_ROOT) -> str:
+    """Symlink the repo into ``extensions_dir/sd-webui-magicfusion``, replacing a stale link.
+    A real directory there is left alone (an error), never deleted."""
+    os.makedirs(extensions_dir, exist_ok=True)
+    link = os.path.join(extensions_dir, EXTENSION_NAME)
+    if os.path.islink(link):
+        if os.path.realpath(link) == os.path.realpath(repo_root):
+            return link
+        os.unlink(link)
+    elif os.path.exists(link):
+        raise WebUIStartError(f"{link} exists and is not a symlink; remove it or use another data dir")
+    os.symlink(os.path.realpath(repo_root), link)
+    return link
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    os.setsid()  # own process group: stop() signals the whole group
+    try:  # Linux: get SIGTERM if the test process dies without cleaning up
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001, S110 - best effort; not available off Linux
+        pass
+
+
+# --------------------------------------------------------------------------- server
+
+DATA_DIR_PREFIX = "magicfusion-webui-"
+
+
+def _remove_data_dir(path: str) -> None:
+    link = os.path.join(path, "extensions", EXTENSION_NAME)
+    if os.path.islink(link):
+        os.unlink(link)  # never let rmtree walk into the repo
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_stale_data_dirs() -> None:
+    """Remove data dirs left by a test process that was SIGKILLed (its server died with it
+    through PR_SET_PDEATHSIG, but nothing could delete the directory)."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        if not name.startswith(DATA_DIR_PREFIX) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        try:
+            with open(os.path.join(path, "owner.pid")) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, 0)
+            continue  # owner still alive (maybe another test session): leave it
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue  # no readable pid file, or not ours to judge
+        _remove_data_dir(path)
+
+class WebUIServer:
+    """One WebUI process on 127.0.0.1 with a private data dir. Use as a context manager
+    or call start()/stop(); stop() is also registered with atexit."""
+
+    def __init__(self, webui_dir: str | None = None, python: str | None = None,
+                 extension: bool = True, port: int | None = None,
+                 startup_timeout: float | None = None, log=print):
+        if webui_dir is None or python is None:
+            d, p = find_install()
+            webui_dir, python = webui_dir or d, python or p
+        self.webui_dir = webui_dir
+        self.python = python
+        self.extension = extension
+        self.port = port
+        self.startup_timeout = float(startup_timeout or os.environ.get(ENV_TIMEOUT) or DEFAULT_STARTUP_TIMEOUT)
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+        self.data_dir: str | None = None
+        self.fixtures_dir: str | None = None
+        self.log_path: str | None = None
+        self.url: str | None = None
+        self.t_launch: float | None = None
+        self.startup_s: float | None = None  # launch -> API answers
+        self._lock = threading.Lock()
+        self._old_sigterm = None
+
+    # -- lifecycle
+    def start(self) -> WebUIServer:
+        self.fixtures_dir = ensure_fixtures(self.webui_dir, self.python, self.log)
+        _remove_stale_data_dirs()
+        self.data_dir = tempfile.mkdtemp(prefix=DATA_DIR_PREFIX)
+        with open(os.path.join(self.data_dir, "owner.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        hf_home = os.path.join(self.data_dir, "hf-home")
+        os.makedirs(hf_home)
+        if self.extension:
+            link_extension(os.path.join(self.data_dir, "extensions"))
+        self.log_path = os.path.join(self.data_dir, "webui.log")
+        atexit.register(self.stop)
+        self._install_sigterm()
+        last_err = None
+        for _ in range(3):  # retry only if the chosen port was taken meanwhile
+            port = self.port or free_port()
+            try:
+                self._launch(port, hf_home)
+                return self
+            except WebUIStartError as e:
+                last_err = e
+                self._kill()
+                if self.port or "address already in use" not in str(e).lower():
+                    break
+        self.stop()
+        raise last_err  # type: ignore[misc]
+
+    def _launch(self, port: int, hf_home: str) -> None:
+        cmd = [self.python, "launch.py", *WEBUI_FLAGS, "--ckpt-dir", os.path.join(self.fixtures_dir, "checkpoints"),
+               "--data-dir", self.data_dir, "--port", str(port)]
+        env = dict(os.environ)
+        for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "COMMANDLINE_ARGS"):
+            env.pop(k, None)  # the test runner's environment must not leak into the WebUI's
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   HF_HOME=hf_home, DO_NOT_TRACK="1", GRADIO_ANALYTICS_ENABLED="False",
+                   PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+        self.url = f"http://127.0.0.1:{port}"
+        self.log(f"[webui] starting {self.webui_dir} on {self.url} (log: {self.log_path})")
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        self.t_launch = time.monotonic()
+        with self._lock:
+            self.proc = subprocess.Popen(cmd, cwd=self.webui_dir, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=logf, stderr=subprocess.STDOUT,
+                                         preexec_fn=_child_setup)  # noqa: PLW1509 - setsid + prctl only
+        logf.close()
+        self._wait_ready()
+        self.startup_s = time.monotonic() - self.t_launch
+        self.log(f"[webui] API ready after {self.startup_s:.1f} s (pid {self.proc.pid})")
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise WebUIStartError(f"the WebUI exited with code {self.proc.returncode} during "
+                                      f"start-up; log tail:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/sdapi/v1/sd-models", timeout=5) as r:
+                    if r.status == 200:
+                        models = json.load(r)
+                        if models:
+                            return
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise WebUIStartError(f"the WebUI API did not answer within {self.startup_timeout:.0f} s "
+                                      f"(set {ENV_TIMEOUT}); log tail:\n{self.log_tail()}")
+            time.sleep(0.25)
+
+    def _kill(self) -> None:
+        with self._lock:
+            proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        pgid = proc.pid  # setsid() made the child its own group leader
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(wait)
+                # the leader is gone; make sure no stray member of its group survives
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def stop(self) -> None:
+        self._kill()
+        self._restore_sigterm()
+        if self.data_dir and os.path.isdir(self.data_dir) and os.environ.get(ENV_KEEP) != "1":
+            _remove_data_dir(self.data_dir)
+            self.data_dir = None
+
+    def __enter__(self) -> WebUIServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- SIGTERM to the test process must still stop the server
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            def _on_term(signum, frame):
+                raise KeyboardInterrupt("SIGTERM")
+            self._old_sigterm = signal.signal(signal.SIGTERM, _on_term)
+
+    def _restore_sigterm(self) -> None:
+        if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").splitlines()
+            return "\n".join(lines[-n:])
+        except OSError:
+            return "(no log)"
+
+
+# --------------------------------------------------------------------------- client
+
+class WebUIClient:
+    """HTTP helpers the tests use. Needs requests, numpy and Pillow."""
+
+    TXT2IMG_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "prompt": "a photo of a cat", "negative_prompt": "", "width": 64, "height": 64, "steps": 4,
+        "cfg_scale": 5.0, "seed": 1234, "sampler_name": "Euler a", "batch_size": 1, "n_iter": 1,
+        "save_images": False, "send_images": True,
+    }
+
+    def __init__(self, server: WebUIServer, timeout: float = 300.0):
+        import requests
+        self.server = server
+        self.url = server.url
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.trust_env = False  # never route 127.0.0.1 through a proxy
+        self.first_image_s: float | None = None  # launch -> first image returned
+
+    @property
+    def fixtures_dir(self) -> str:
+        return self.server.fixtures_dir
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        with open(os.path.join(self.fixtures_dir, "manifest.json")) as f:
+            return json.load(f)
+
+    def get(self, path: str, **kw):
+        r = self.session.get(self.url + path, timeout=kw.pop("timeout", self.timeout), **kw)
+        return r
+
+    def post(self, path: str, payload: dict[str, Any], **kw):
+        return self.session.post(self.url + path, json=payload, timeout=kw.pop("timeout", self.timeout), **kw)
+
+    def _gen(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        r = self.post(path, payload)
+        if r.status_code != 200:
+            raise AssertionError(f"POST {path} -> {r.status_code}: {r.text[:2000]}\n"
+                                 f"--- webui log tail ---\n{self.server.log_tail(40)}")
+        data = r.json()
+        if self.first_image_s is None and data.get("images"):
+            self.first_image_s = time.monotonic() - self.server.t_launch
+        return data
+
+    def txt2img(self, **payload) -> dict[str, Any]:
+        """POST /sdapi/v1/txt2img with small defaults (64x64, 4 steps); returns the JSON."""
+        return self._gen("/sdapi/v1/txt2img", {**self.TXT2IMG_DEFAULTS, **payload})
+
+    def img2img(self, init_image, **payload) -> dict[str, Any]:
+        """POST /sdapi/v1/img2img; ``init_image`` is a uint8 HxWx3 array or a base64 PNG."""
+        if not isinstance(init_image, str):
+            init_image = self.encode_png(init_image)
+        body = {**self.TXT2IMG_DEFAULTS, "denoising_strength": 0.6, "init_images": [init_image]}
+        return self._gen("/sdapi/v1/img2img", {**body, **payload})
+
+    def txt2img_array(self, **payload):
+        """txt2img and decode the first image to a uint8 HxWx3 array."""
+        return self.decode(self.txt2img(**payload)["images"][0])
+
+    @staticmethod
+    def checkpoint(name: str) -> dict[str, Any]:
+        """Payload fragment that switches the checkpoint for one request."""
+        return {"override_settings": {"sd_model_checkpoint": name},
+                "override_settings_restore_afterwards": True}
+
+    @staticmethod
+    def decode(b64: str):
+        import numpy as np
+        from PIL import Image
+        if "," in b64[:64] and b64.startswith("data:"):
+            b64 = b64.split(",", 1)[1]
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+    @staticmethod
+    def encode_png(arr) -> str:
+        import numpy as np
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(arr, dtype=np.uint8)).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    @staticmethod
+    def info(resp: dict[str, Any]) -> dict[str, Any]:
+        return json.loads(resp["info"]) if isinstance(resp.get("info"), str) else resp.get("info", {})
+
+
+# --------------------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run the A1111 WebUI test bed for sd-webui-magicfusion.")
+    ap.add_argument("--fixtures", action="store_true", help="only build (or find) the fixtures and print their dir")
+    ap.add_argument("--smoke", action="store_true", help="start, generate one image, stop")
+    ap.add_argument("--no-extension", action="store_true", help="do not link this repo as an extension")
+    ap.add_argument("--port", type=int, default=None)
+    args = ap.parse_args(argv)
+    try:
+        webui_dir, python = find_install()
+    except WebUINotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.fixtures:
+        print(ensure_fixtures(webui_dir, python))
+        return 0
+    srv = WebUIServer(webui_dir, python, extension=not args.no_extension, port=args.port)
+    try:
+        srv.start()
+        if args.smoke:
+            c = WebUIClient(srv)
+            img = c.txt2img_array()
+            print(f"[webui] first image {img.shape} after {c.first_image_s:.1f} s from launch")
+            return 0
+        print(f"[webui] serving at {srv.url}; fixtures in {srv.fixtures_dir}; Ctrl-C to stop")
+        while srv.proc is not None and srv.proc.poll() is None:
+            time.sleep(1)
+        print(f"[webui] exited; log tail:\n{srv.log_tail()}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        srv.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
