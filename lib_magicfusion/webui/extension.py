@@ -64,18 +64,19 @@ def _prepare(run: sampling.Run, params: FusionParams) -> None:
     if getattr(p, "refiner_checkpoint", None) not in (None, "", "None", "none") and (p.refiner_switch_at or 1) < 1:
         raise MagicFusionError("cannot run together with the refiner; turn one of them off", "enabled")
     info = experts.resolve(params.expert_checkpoint)
-    expert = experts.cache.get(info)
-    experts.check_compatible(shared.sd_model, expert.model)
+    # An empty window with the general model outside it never needs the expert: not even loaded.
+    if params.fusion_start < params.fusion_end or params.outside_window == "expert":
+        run.expert = experts.cache.get(info)
+        experts.check_compatible(shared.sd_model, run.expert.model)
     run.params = params
-    run.expert = expert
     run.fusion = SNBFusion(
         ks=(params.k_general, params.k_expert), blur=params.blur, baseline=params.saliency_baseline,
         start=params.fusion_start, end=params.fusion_end, outside=0 if params.outside_window == "general" else 1,
         record_masks=params.show_mask,
     )
-    p.extra_generation_params.update(params.replace(expert_checkpoint=expert.info.name_for_extra).infotext())
-    if getattr(expert.info, "shorthash", None):
-        p.extra_generation_params["MagicFusion expert hash"] = expert.info.shorthash
+    p.extra_generation_params.update(params.replace(expert_checkpoint=info.name_for_extra).infotext())
+    if getattr(info, "shorthash", None):
+        p.extra_generation_params["MagicFusion expert hash"] = info.shorthash
 
 
 def before_sampling(p) -> None:
@@ -88,7 +89,7 @@ def before_sampling(p) -> None:
         run.active = not hires or run.params.apply_in_hires
         run.conds = None
         run.fusion.reset()
-        if not run.active:
+        if not run.active or run.expert is None:
             return
         main = shared.sd_model
         if run.expert.is_main and run.expert.model is not main:

@@ -51,6 +51,9 @@ MODELS = [
 ]
 
 
+VAE_SEED = 4242
+
+
 def webui_dir() -> str:
     return os.path.abspath(os.path.expanduser(
         os.environ.get("MAGICFUSION_WEBUI_DIR", "~/stable-diffusion-webui")))
@@ -271,9 +274,17 @@ def make_model(name: str, seed: int, parameterization: str, clip_dir: str, out: 
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.create(cfg).model).eval()
     gen = torch.Generator().manual_seed(seed)
-    zeros = _randomise_zeros(model.model, gen) + _randomise_zeros(model.first_stage_model, gen)
+    zeros = _randomise_zeros(model.model, gen)
     unet_factor = _calibrate_unet(model, gen)
-    vae_factor = _calibrate_vae(model, gen)
+    # Every fixture shares one VAE, as real SD1/SD2 checkpoints share SD's VAE: two models'
+    # images then differ only by their UNets (and an expert that runs alone on the main
+    # model's latents decodes to exactly its own image).
+    torch.manual_seed(VAE_SEED)
+    vae = instantiate_from_config(OmegaConf.create(cfg).model.params.first_stage_config)
+    model.first_stage_model.load_state_dict(vae.state_dict())
+    vae_gen = torch.Generator().manual_seed(VAE_SEED)
+    zeros += _randomise_zeros(model.first_stage_model, vae_gen)
+    vae_factor = _calibrate_vae(model, vae_gen)
     _round_to_fp16(model.model)
     _round_to_fp16(model.first_stage_model)
 

@@ -1,0 +1,240 @@
+"""MagicFusion end to end in the real WebUI, through its HTTP API, with the tiny checkpoints.
+
+Pixels are compared after decoding, never PNG bytes (the PNG carries the infotext).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+SAMPLERS = ["Euler a", "DDIM", "DPM++ 2M"]
+MAIN, EXPERT, V_EXPERT = "tiny-eps-a", "tiny-eps-b", "tiny-v"
+PROMPT = "a photo of a cat, sharp focus"
+
+
+def fusion(**fields):
+    return {"alwayson_scripts": {"MagicFusion": {"args": [{"enabled": True, "expert_checkpoint": EXPERT, **fields}]}}}
+
+
+def gen(webui, *, main=MAIN, fused=None, **payload):
+    body = {"prompt": PROMPT, "steps": 6, **webui.checkpoint(main), **payload}
+    if fused is not None:
+        body.update(fusion(**fused))
+    return webui.txt2img(**body)
+
+
+def pixels(webui, resp, index=0):
+    return webui.decode(resp["images"][index]).astype(np.int16)
+
+
+def status(webui):
+    return webui.get("/magicfusion/v1/status").json()
+
+
+def unload(webui):
+    r = webui.post("/magicfusion/v1/unload", {})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def differs(a, b, threshold=2.0):
+    return float(np.abs(a - b).mean()) > threshold
+
+
+@pytest.fixture(scope="module")
+def baseline(webui):
+    """A plain generation made before any fusion: every later plain one must equal it."""
+    return pixels(webui, gen(webui, sampler_name="Euler a", seed=77))
+
+
+def assert_webui_still_plain(webui, baseline):
+    assert np.array_equal(pixels(webui, gen(webui, sampler_name="Euler a", seed=77)), baseline)
+
+
+def test_script_and_routes(webui):
+    info = webui.get("/sdapi/v1/script-info").json()
+    mine = [s for s in info if s["name"] == "magicfusion"]
+    assert {s["is_img2img"] for s in mine} == {False, True}
+    assert all(s["is_alwayson"] for s in mine)
+    assert [a["label"] for a in mine[0]["args"]][:2] == ["MagicFusion", "Expert checkpoint"]
+    schema = webui.get("/magicfusion/v1/schema").json()
+    assert schema["title"] == "MagicFusion" and "k_expert" in schema["properties"]
+    assert webui.get("/magicfusion/v1/version").json()["version"]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_expert_is_main_with_the_same_prompt_changes_nothing(webui, baseline, sampler):
+    plain = pixels(webui, gen(webui, sampler_name=sampler, seed=5))
+    fused = pixels(webui, gen(webui, sampler_name=sampler, seed=5, fused={"expert_checkpoint": MAIN}))
+    assert np.array_equal(plain, fused)
+    assert status(webui)["expert_bytes"] == 0 or status(webui)["expert_loaded"] != MAIN
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_empty_window_changes_nothing_and_loads_no_expert(webui, sampler):
+    unload(webui)
+    plain = pixels(webui, gen(webui, sampler_name=sampler, seed=6))
+    resp = gen(webui, sampler_name=sampler, seed=6, fused={"fusion_start": 0.5, "fusion_end": 0.5})
+    assert np.array_equal(plain, pixels(webui, resp))
+    assert status(webui)["expert_loaded"] is None
+    assert "MagicFusion expert: tiny-eps-b" in webui.info(resp)["infotexts"][0]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_different_expert_fuses_reproducibly_with_infotext(webui, baseline, sampler):
+    plain = pixels(webui, gen(webui, sampler_name=sampler, seed=7))
+    expert_alone = pixels(webui, gen(webui, main=EXPERT, sampler_name=sampler, seed=7))
+    first = gen(webui, sampler_name=sampler, seed=7, fused={"k_expert": 1.5})
+    second = gen(webui, sampler_name=sampler, seed=7, fused={"k_expert": 1.5})
+    a, b = pixels(webui, first), pixels(webui, second)
+    assert np.array_equal(a, b)
+    assert differs(a, plain) and differs(a, expert_alone)
+    text = webui.info(first)["infotexts"][0]
+    assert "MagicFusion expert: tiny-eps-b" in text and "MagicFusion k expert: 1.5" in text
+    assert "MagicFusion expert hash: " in text
+    assert_webui_still_plain(webui, baseline)
+
+
+def test_infotext_round_trip_reproduces_the_pixels(webui):
+    fields = {"k_expert": 2.0, "k_general": 0.5, "fusion_end": 0.7, "blur": 2, "saliency_baseline": "own",
+              "expert_prompt": "a cartoon cat, bold lines", "expert_cfg_scale": 9.0}
+    first = gen(webui, sampler_name="DPM++ 2M", seed=8, fused=fields)
+    text = webui.info(first)["infotexts"][0]
+    body = {"prompt": PROMPT, "steps": 6, "sampler_name": "DPM++ 2M", "seed": 8, **webui.checkpoint(MAIN),
+            "alwayson_scripts": {"MagicFusion": {"args": [{"infotext": text}]}}}
+    again = webui.txt2img(**body)
+    assert np.array_equal(pixels(webui, first), pixels(webui, again))
+    assert webui.info(again)["infotexts"][0] == text
+
+
+def test_positional_args_as_the_ui_sends_them(webui):
+    info = webui.get("/sdapi/v1/script-info").json()
+    args = [a["value"] for a in next(s for s in info if s["name"] == "magicfusion" and not s["is_img2img"])["args"]]
+    args[0], args[1], args[5] = True, EXPERT, 1.5  # enabled, expert_checkpoint, k_expert
+    named = pixels(webui, gen(webui, seed=9, fused={"k_expert": 1.5}))
+    resp = webui.txt2img(prompt=PROMPT, steps=6, seed=9, **webui.checkpoint(MAIN),
+                         alwayson_scripts={"MagicFusion": {"args": args}})
+    assert np.array_equal(named, pixels(webui, resp))
+
+
+def test_batch_size_and_count(webui, baseline):
+    plain = gen(webui, seed=10, batch_size=2, n_iter=2)
+    fused = gen(webui, seed=10, batch_size=2, n_iter=2, fused={})
+    again = gen(webui, seed=10, batch_size=2, n_iter=2, fused={})
+    single = gen(webui, seed=11, fused={})  # image 1 of batch 1 has seed 10 + 1
+    assert len(fused["images"]) == len(plain["images"]) == 4  # the API sends no grid
+    for i in range(4):
+        a = pixels(webui, fused, i)
+        assert np.array_equal(a, pixels(webui, again, i))
+        assert differs(a, pixels(webui, plain, i))
+    # Each image's mask depends on that image only: batching changes only float rounding.
+    assert float(np.abs(pixels(webui, fused, 1) - pixels(webui, single)).mean()) < 1.0
+    infos = webui.info(fused)["infotexts"]
+    assert all("MagicFusion expert: tiny-eps-b" in t for t in infos)
+    assert_webui_still_plain(webui, baseline)
+
+
+def test_img2img_and_inpainting_with_a_normal_model(webui, baseline):
+    init = pixels(webui, gen(webui, seed=12)).astype(np.uint8)
+    body = {"prompt": PROMPT, "steps": 8, "seed": 13, "denoising_strength": 0.7, **webui.checkpoint(MAIN)}
+    plain = pixels(webui, webui.img2img(init, **body))
+    fused = pixels(webui, webui.img2img(init, **body, **fusion()))
+    again = pixels(webui, webui.img2img(init, **body, **fusion()))
+    assert np.abs(fused - again).max() <= 1  # the WebUI's VAE encode draws unseeded noise
+    assert differs(fused, plain)
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[16:48, 16:48] = 255
+    inpaint = {**body, "mask": webui.encode_png(mask), "inpainting_fill": 1, "inpaint_full_res": False}
+    plain_inpaint = pixels(webui, webui.img2img(init, **inpaint))
+    fused_inpaint = pixels(webui, webui.img2img(init, **inpaint, **fusion()))
+    outside = np.ones((64, 64), bool)
+    outside[8:56, 8:56] = False
+    assert np.abs(fused_inpaint[outside] - plain_inpaint[outside]).mean() < 3  # the unmasked area is kept
+    assert differs(fused_inpaint[24:40, 24:40], plain_inpaint[24:40, 24:40])
+    assert_webui_still_plain(webui, baseline)
+
+
+@pytest.mark.parametrize("apply_in_hires", [True, False])
+def test_hires_fix(webui, baseline, apply_in_hires):
+    hires = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 4}
+    plain = gen(webui, seed=14, **hires)
+    fused = gen(webui, seed=14, **hires, fused={"apply_in_hires": apply_in_hires})
+    a = pixels(webui, fused)
+    assert a.shape == (128, 128, 3)
+    assert differs(a, pixels(webui, plain))
+    text = webui.info(fused)["infotexts"][0]
+    assert ("MagicFusion hires: False" in text) is (not apply_in_hires)
+    assert_webui_still_plain(webui, baseline)
+
+
+def test_hires_pass_fusion_matters(webui):
+    hires = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 4}
+    on = pixels(webui, gen(webui, seed=15, **hires, fused={"apply_in_hires": True}))
+    off = pixels(webui, gen(webui, seed=15, **hires, fused={"apply_in_hires": False}))
+    assert differs(on, off, threshold=0.5)
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DDIM"])
+def test_v_prediction_expert_with_an_eps_main_model(webui, baseline, sampler):
+    plain = pixels(webui, gen(webui, sampler_name=sampler, seed=16))
+    fused = pixels(webui, gen(webui, sampler_name=sampler, seed=16, fused={"expert_checkpoint": V_EXPERT}))
+    assert differs(fused, plain)
+    assert fused.std() > 10  # a picture, not NaNs decoded to black
+    assert status(webui)["expert_loaded"].startswith(V_EXPERT)
+    assert_webui_still_plain(webui, baseline)
+
+
+def test_outside_window_expert_alone_equals_the_expert_model_alone(webui):
+    expert_plain = pixels(webui, gen(webui, main=EXPERT, seed=17, sampler_name="Euler a"))
+    resp = gen(webui, seed=17, sampler_name="Euler a", fused={"fusion_start": 1.0, "fusion_end": 1.0, "outside_window": "expert"})
+    assert np.array_equal(pixels(webui, resp), expert_plain)
+
+
+def test_one_model_two_prompts_loads_nothing(webui, baseline):
+    unload(webui)
+    plain = pixels(webui, gen(webui, seed=18))
+    fused = gen(webui, seed=18, fused={"expert_checkpoint": MAIN, "expert_prompt": "a watercolor painting of a lion"})
+    assert differs(pixels(webui, fused), plain, threshold=0.5)
+    s = status(webui)
+    assert s["expert_loaded"] is None and s["expert_bytes"] == 0
+    assert_webui_still_plain(webui, baseline)
+
+
+def test_and_prompts_and_skipped_uncond_steps(webui, baseline):
+    settings = {"override_settings": {"sd_model_checkpoint": MAIN, "skip_early_cond": 0.25, "s_min_uncond": 2.0},
+                "override_settings_restore_afterwards": True}
+    body = {"prompt": "a cat AND a dog:0.6", "steps": 8, "seed": 19, "sampler_name": "Euler a", **settings}
+    try:
+        plain = pixels(webui, webui.txt2img(**body))
+        fused = pixels(webui, webui.txt2img(**body, **fusion(expert_prompt="a lion AND a crown:0.8 AND a throne:0.3")))
+    finally:  # the WebUI restores only overridden options that were ever saved
+        webui.post("/sdapi/v1/options", {"skip_early_cond": 0.0, "s_min_uncond": 0.0})
+    assert differs(fused, plain) and fused.std() > 10
+    assert_webui_still_plain(webui, baseline)
+
+
+def test_mask_pictures_join_the_gallery(webui):
+    resp = gen(webui, seed=20, batch_size=2, fused={"show_mask": True})
+    images = [webui.decode(b) for b in resp["images"]]
+    assert len(images) == 2 + 2 * 2  # two images, then a mask and a strip for each
+    final_mask, strip = images[2], images[3]
+    assert final_mask.shape == (64, 64, 3) and set(np.unique(final_mask)) <= {0, 255}
+    assert 0 < (final_mask > 127).mean() < 1  # both models win somewhere
+    assert strip.shape[1] > strip.shape[0]
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"k_expert": -1}, "k_expert"),
+    ({"fusion_start": 0.9, "fusion_end": 0.1}, "fusion_start"),
+    ({"outside_window": "both"}, "outside_window"),
+    ({"expert_checkpoint": "../../etc/passwd"}, "expert_checkpoint"),
+    ({"expert_checkpoint": "/root/stable-diffusion-webui/model.ckpt"}, "expert_checkpoint"),
+    ({"k_exprt": 1.0}, "k_exprt"),
+    ({"blur": "4"}, "blur"),
+])
+def test_bad_args_fail_loudly_and_leave_the_webui_healthy(webui, baseline, fields, field):
+    r = webui.post("/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 4, **webui.checkpoint(MAIN), **fusion(**fields)})
+    assert r.status_code == 422, r.text
+    assert f"MagicFusion {field}" in r.json()["errors"]
+    assert_webui_still_plain(webui, baseline)
