@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from modules import call_queue, shared
+from modules import call_queue, script_callbacks, shared
 
 from .. import __version__
 from ..params import FusionParams
@@ -34,6 +35,17 @@ def _auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic(auto_error=False
     raise HTTPException(status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 
 
+def _callbacks() -> dict[str, int]:
+    """How many of the WebUI's callbacks are this extension's, per kind (a reload must not double them)."""
+    root = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    counts: dict[str, int] = {}
+    for key, callbacks in script_callbacks.callback_map.items():
+        n = sum(1 for c in callbacks if os.path.realpath(getattr(c, "script", "") or "").startswith(root + os.sep))
+        if n:
+            counts[key.removeprefix("callbacks_")] = n
+    return counts
+
+
 def status() -> dict:
     e = experts.cache.expert
     return {
@@ -41,6 +53,7 @@ def status() -> dict:
         "expert_loaded": e.title if e is not None else None,
         "expert_bytes": experts.expert_memory_bytes(e),
         "expert_loads": experts.cache.loads,
+        "callbacks": _callbacks(),
     }
 
 

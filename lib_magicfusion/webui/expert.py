@@ -9,6 +9,7 @@ main model and all of that state are saved before and put back after, also on fa
 from __future__ import annotations
 
 import gc
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -42,10 +43,18 @@ def resolve(name: str):
     if not isinstance(name, str) or not name.strip():
         raise MagicFusionError("is required when MagicFusion is enabled", "expert_checkpoint")
     name = name.strip()
+    if _looks_like_path(name):
+        raise MagicFusionError(f"must name an installed checkpoint (title, name or hash), not a path or URL: {name!r}", "expert_checkpoint")
     info = sd_models.checkpoint_aliases.get(name) or sd_models.get_closet_checkpoint_match(name)
     if info is None:
         raise MagicFusionError(f"no installed checkpoint matches {name!r}", "expert_checkpoint")
     return info
+
+
+def _looks_like_path(name: str) -> bool:
+    """Absolute paths, drive letters, '..' segments, home dirs and URLs: never a checkpoint title."""
+    return ("://" in name or name.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", name) is not None
+            or ".." in re.split(r"[\\/]", name))
 
 
 def architecture(model) -> str:

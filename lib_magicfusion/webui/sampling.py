@@ -122,12 +122,31 @@ class Gate(torch.nn.Module):
         if call is None or not run.active:
             return self.inner(x, sigma, **kwargs)
         if call.mode == "alone":
-            return _expert_wrapper(run, call.denoiser)(x, sigma, **kwargs)
+            return _checked(run, lambda: _expert_wrapper(run, call.denoiser)(x, sigma, **kwargs))
         out = self.inner(x, sigma, **kwargs)
         if call.mode == "separate" and call.expert_pred is None:
-            call.expert_pred = _evaluate_expert(run, call)
+            call.expert_pred = _checked(run, lambda: _evaluate_expert(run, call))
             run.expert_calls += 1
         return out
+
+
+def _checked(run: Run, evaluate):
+    """The expert's forward pass: an exception in it, or a non-finite prediction (a corrupt or
+    mismatched expert), fails the generation with an error that names MagicFusion."""
+    try:
+        out = evaluate()
+    except MagicFusionError as e:
+        run.fail(e)
+        raise
+    except Exception as e:  # InterruptedException is a BaseException: it passes through
+        run.fail(MagicFusionError(f"the expert's forward pass failed: {type(e).__name__}: {e}", "expert_checkpoint", status_code=500))
+        raise run.error from e
+    tensors = [out] if isinstance(out, torch.Tensor) else [t for t in (out.cond, out.uncond) if t is not None]
+    if not all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in tensors):  # one reduction each: NaN or inf anywhere
+        run.fail(MagicFusionError("the expert produced NaN or infinite values (a corrupt or incompatible checkpoint?)",
+                                  "expert_checkpoint", status_code=500))
+        raise run.error
+    return out
 
 
 def _gate(run: Run, denoiser) -> None:
@@ -321,16 +340,17 @@ def _fuse_rows(run: Run, call: Call, x_out: torch.Tensor) -> None:
     if call.plan.fuse:
         run.fused_calls += 1
     fused = result.denoised.to(x_out.dtype)
+    if getattr(denoiser, "need_last_noise_uncond", False):
+        # DDIM CFG++ steers with the uncond noise: hand it the fused one (before the rows,
+        # which the predictions view, are overwritten).
+        e_uncond = expert.reference_uncond().to(fused.dtype)
+        run.cfg_pp_uncond = e_uncond.clone() if result.mask is None else blend([main.reference_uncond(), e_uncond], result.mask)
+        run.cfg_pp_denoiser = denoiser
     # Every row of image i becomes its fused prediction: u + w*s*(F - F) == F exactly.
     for i, parts in enumerate(call.conds_list):
         for row, _ in parts:
             x_out[row] = fused[i]
     x_out[-batch:] = fused
-    if getattr(denoiser, "need_last_noise_uncond", False):
-        # DDIM CFG++ steers with the uncond noise: hand it the fused one.
-        e_uncond = expert.reference_uncond().to(fused.dtype)
-        run.cfg_pp_uncond = e_uncond if result.mask is None else blend([main.reference_uncond(), e_uncond], result.mask)
-        run.cfg_pp_denoiser = denoiser
 
 
 def on_cfg_after_cfg(params: script_callbacks.AfterCFGCallbackParams) -> None:

@@ -238,3 +238,14 @@ def test_bad_args_fail_loudly_and_leave_the_webui_healthy(webui, baseline, field
     assert r.status_code == 422, r.text
     assert f"MagicFusion {field}" in r.json()["errors"]
     assert_webui_still_plain(webui, baseline)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DPM++ SDE", "DPM2", "LMS", "Restart", "DDIM CFG++", "PLMS", "UniPC"])
+def test_every_sampler_family(webui, baseline, sampler):
+    plain = pixels(webui, gen(webui, sampler_name=sampler, seed=21, steps=5))
+    same = pixels(webui, gen(webui, sampler_name=sampler, seed=21, steps=5, fused={"expert_checkpoint": MAIN}))
+    assert np.array_equal(plain, same)
+    fused = pixels(webui, gen(webui, sampler_name=sampler, seed=21, steps=5, fused={}))
+    again = pixels(webui, gen(webui, sampler_name=sampler, seed=21, steps=5, fused={}))
+    assert np.array_equal(fused, again) and differs(fused, plain, threshold=0.5) and fused.std() > 10
+    assert_webui_still_plain(webui, baseline)
