@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 
 from modules import devices, sd_hijack, sd_models, sd_vae, shared
 
@@ -102,6 +101,8 @@ class ExpertCache:
         with self._lock:
             self.last_used = time.monotonic()
             if main.sd_checkpoint_info.filename == info.filename:
+                if self.expert is not None and self.expert.info.filename == info.filename:
+                    self.unload()  # a second copy of the main model's weights
                 return Expert(main, main.sd_checkpoint_info, is_main=True)
             if self.expert is not None and self.expert.info.filename == info.filename:
                 return self.expert
@@ -181,4 +182,4 @@ def expert_memory_bytes(expert: Optional[Expert]) -> int:
 
 cache = ExpertCache()
 
-__all__ = ["Expert", "ExpertCache", "cache", "resolve", "check_compatible", "architecture", "expert_memory_bytes", "torch"]
+__all__ = ["Expert", "ExpertCache", "cache", "resolve", "check_compatible", "architecture", "expert_memory_bytes"]

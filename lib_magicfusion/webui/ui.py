@@ -77,12 +77,14 @@ def build(tab: str):
     assert not missing, f"MagicFusion UI lacks controls for {missing}"
     components = [comps[name] for name in FIELD_NAMES]
 
-    infotext_fields = [(enabled, lambda d: MARKER in d)]
-    for name in FIELD_NAMES:
-        key = INFOTEXT_KEYS.get(name)
-        if key:
-            infotext_fields.append((comps[name], _paster(spec[name], key)))
-    return components, infotext_fields, list(INFOTEXT_KEYS.values())
+    # One set of paste functions shared by both tabs: the WebUI matches the controls that
+    # "Send to img2img" copies by these functions, so they must be the same objects.
+    infotext_fields = [(enabled, _is_fused)] + [(comps[name], paster) for name, paster in PASTERS.items()]
+    return components, infotext_fields, [_is_fused, *PASTERS.values()]
+
+
+def _is_fused(d) -> bool:
+    return MARKER in d
 
 
 def _paster(f, key):
@@ -100,3 +102,6 @@ def _paster(f, key):
         except MagicFusionError:
             return gr.update()
     return paste
+
+
+PASTERS = {f.name: _paster(f, INFOTEXT_KEYS[f.name]) for f in FIELDS if f.name in INFOTEXT_KEYS}

@@ -5,6 +5,7 @@ Used as a pytest session fixture (see ``conftest.py``) and as a command-line too
     python tests/webui/server.py            # start, print the URL, serve until Ctrl-C
     python tests/webui/server.py --smoke    # start, make one 64x64 image, stop
     python tests/webui/server.py --fixtures # only (re)build the tiny checkpoints
+    python tests/webui/server.py --ui       # serve the Gradio page too (for a browser)
 
 Any Python >= 3.9 runs this file (stdlib only; the client helpers also need requests,
 numpy and Pillow). The WebUI itself and the fixture generator run under the WebUI's
@@ -221,7 +222,14 @@ class WebUIServer:
 
     def __init__(self, webui_dir: str | None = None, python: str | None = None,
                  extension: bool = True, port: int | None = None,
-                 startup_timeout: float | None = None, log=print):
+                 startup_timeout: float | None = None, log=print, *,
+                 ui: bool = False, ckpt_dir: str | None = None, extra_args: tuple[str, ...] = (),
+                 api_auth: str | None = None):
+        """``ui=True`` serves the Gradio page too (no ``--nowebui``; still 127.0.0.1 only).
+        ``ckpt_dir`` replaces the shared fixture checkpoint dir (e.g. a private dir of links, so
+        a test may add checkpoints without touching the cache). ``extra_args`` are appended
+        to the launch flags (e.g. ``--ui-config-file``). ``api_auth`` (``"user:pass"``) starts the
+        WebUI with ``--api-auth``; the ready check and ``WebUIClient`` then send those credentials."""
         if webui_dir is None or python is None:
             d, p = find_install()
             webui_dir, python = webui_dir or d, python or p
@@ -231,6 +239,10 @@ class WebUIServer:
         self.port = port
         self.startup_timeout = float(startup_timeout or os.environ.get(ENV_TIMEOUT) or DEFAULT_STARTUP_TIMEOUT)
         self.log = log
+        self.ui = ui
+        self.ckpt_dir = ckpt_dir
+        self.extra_args = tuple(extra_args)
+        self.api_auth = api_auth
         self.proc: subprocess.Popen | None = None
         self.data_dir: str | None = None
         self.fixtures_dir: str | None = None
@@ -270,8 +282,12 @@ class WebUIServer:
         raise last_err  # type: ignore[misc]
 
     def _launch(self, port: int, hf_home: str) -> None:
-        cmd = [self.python, "launch.py", *WEBUI_FLAGS, "--ckpt-dir", os.path.join(self.fixtures_dir, "checkpoints"),
-               "--data-dir", self.data_dir, "--port", str(port)]
+        flags = [f for f in WEBUI_FLAGS if not (self.ui and f == "--nowebui")]
+        cmd = [self.python, "launch.py", *flags,
+               "--ckpt-dir", self.ckpt_dir or os.path.join(self.fixtures_dir, "checkpoints"),
+               "--data-dir", self.data_dir, "--port", str(port), *self.extra_args]
+        if self.api_auth:
+            cmd += ["--api-auth", self.api_auth]
         env = dict(os.environ)
         for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "COMMANDLINE_ARGS"):
             env.pop(k, None)  # the test runner's environment must not leak into the WebUI's
@@ -297,8 +313,22 @@ class WebUIServer:
             if self.proc.poll() is not None:
                 raise WebUIStartError(f"the WebUI exited with code {self.proc.returncode} during "
                                       f"start-up; log tail:\n{self.log_tail()}")
+            if self.ui and not self._log_contains("Startup time:"):
+                # With the UI, gradio serves before the API is added. A request that lands between
+                # A1111's setup_middleware() and create_api() builds starlette's middleware stack,
+                # and create_api() then dies with "Cannot add middleware after an application has
+                # started". So send nothing until A1111 prints its start-up summary.
+                if time.monotonic() > deadline:
+                    raise WebUIStartError(f"the WebUI did not finish starting within {self.startup_timeout:.0f} s "
+                                          f"(set {ENV_TIMEOUT}); log tail:\n{self.log_tail()}")
+                time.sleep(0.25)
+                continue
             try:
-                with urllib.request.urlopen(self.url + "/sdapi/v1/sd-models", timeout=5) as r:
+                req = urllib.request.Request(self.url + "/sdapi/v1/sd-models")
+                if self.api_auth:
+                    user_pass = self.api_auth.split(",")[0].encode()
+                    req.add_header("Authorization", "Basic " + base64.b64encode(user_pass).decode())
+                with urllib.request.urlopen(req, timeout=5) as r:
                     if r.status == 200:
                         models = json.load(r)
                         if models:
@@ -357,6 +387,13 @@ class WebUIServer:
             signal.signal(signal.SIGTERM, self._old_sigterm)
             self._old_sigterm = None
 
+    def _log_contains(self, text: str) -> bool:
+        try:
+            with open(self.log_path, "rb") as f:
+                return text.encode() in f.read()
+        except OSError:
+            return False
+
     def log_tail(self, n: int = 60) -> str:
         try:
             with open(self.log_path, "rb") as f:
@@ -384,6 +421,8 @@ class WebUIClient:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.trust_env = False  # never route 127.0.0.1 through a proxy
+        if getattr(server, "api_auth", None):
+            self.session.auth = tuple(server.api_auth.split(",")[0].split(":", 1))
         self.first_image_s: float | None = None  # launch -> first image returned
 
     @property
@@ -463,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="start, generate one image, stop")
     ap.add_argument("--no-extension", action="store_true", help="do not link this repo as an extension")
     ap.add_argument("--port", type=int, default=None)
+    ap.add_argument("--ui", action="store_true", help="serve the Gradio page too (still only on 127.0.0.1)")
     args = ap.parse_args(argv)
     try:
         webui_dir, python = find_install()
@@ -472,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fixtures:
         print(ensure_fixtures(webui_dir, python))
         return 0
-    srv = WebUIServer(webui_dir, python, extension=not args.no_extension, port=args.port)
+    srv = WebUIServer(webui_dir, python, extension=not args.no_extension, port=args.port, ui=args.ui)
     try:
         srv.start()
         if args.smoke:
