@@ -55,14 +55,28 @@ class Prediction:
         return torch.stack([self.cond[conds[0][0]] for conds in self.conds_list])
 
 
+def _uniform_weight(pred: Prediction) -> Optional[float]:
+    """The common weight when image i's only cond row is row i (no AND-prompts), else None."""
+    weights = set()
+    for i, conds in enumerate(pred.conds_list):
+        if len(conds) != 1 or conds[0][0] != i:
+            return None
+        weights.add(conds[0][1])
+    return weights.pop() if len(weights) == 1 and pred.cond.shape[0] == len(pred.conds_list) else None
+
+
 def guided(pred: Prediction) -> torch.Tensor:
     """Classifier-free guidance with A1111's arithmetic, operation for operation.
 
     denoised[i] = u[i] + sum_j (c_j - u[i]) * (w_j * s); with a skipped uncond the host
-    uses each image's first cond row as u and a scale of 1.
+    uses each image's first cond row as u and a scale of 1. Element-wise, so the batched
+    form for one cond row per image gives the same bits as the per-row loop.
     """
     uncond = pred.reference_uncond()
     scale = pred.cfg_scale if pred.uncond is not None else 1.0
+    weight = _uniform_weight(pred)
+    if weight is not None:
+        return uncond + (pred.cond - uncond) * (weight * scale)
     out = torch.clone(uncond)
     for i, conds in enumerate(pred.conds_list):
         for row, weight in conds:
@@ -75,6 +89,9 @@ def guidance_term(pred: Prediction, reference: torch.Tensor) -> torch.Tensor:
     dtype = snb.compute_dtype(pred.cond.dtype)
     cond = pred.cond.to(dtype)
     reference = reference.to(dtype)
+    weight = _uniform_weight(pred)
+    if weight is not None:
+        return (cond - reference) * (weight * pred.cfg_scale)
     out = torch.zeros_like(reference)
     for i, conds in enumerate(pred.conds_list):
         for row, weight in conds:

@@ -14,6 +14,7 @@ The operators follow the official MagicFusion code exactly:
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -65,6 +66,12 @@ def saliency(delta: torch.Tensor, k: float, blur: int = 4) -> torch.Tensor:
     return _softmax_hw(_blurred_abs(delta, blur), float(k))
 
 
+@functools.lru_cache(maxsize=64)
+def _k_column(ks: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The temperatures as an (N, 1, 1) tensor, made once per device (no copy per step)."""
+    return torch.tensor(ks, dtype=dtype, device=device).reshape(-1, 1, 1)
+
+
 def saliency_maps(deltas: Sequence[torch.Tensor], ks: Sequence[float], blur: int = 4) -> torch.Tensor:
     """Saliency of several models at once -> (N_models, B, 1, H, W).
 
@@ -85,9 +92,9 @@ def saliency_maps(deltas: Sequence[torch.Tensor], ks: Sequence[float], blur: int
     dtype = compute_dtype(deltas[0].dtype)
     stacked = torch.cat([d.to(dtype) for d in deltas], dim=0)
     maps = _blurred_abs(stacked, blur)
-    k_rows = torch.tensor([float(k) for k in ks], dtype=dtype, device=maps.device).repeat_interleave(batch)
-    probs = _softmax_hw(maps, k_rows[:, None])
-    return probs.reshape(len(deltas), batch, 1, *shape[-2:])
+    n, height, width = len(deltas), shape[-2], shape[-1]
+    scaled = maps.reshape(n, batch, height * width) * _k_column(tuple(float(k) for k in ks), dtype, maps.device)
+    return torch.softmax(scaled, dim=2).reshape(n, batch, 1, height, width)
 
 
 def fusion_mask(deltas: Sequence[torch.Tensor], ks: Sequence[float], blur: int = 4) -> torch.Tensor:
