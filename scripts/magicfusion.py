@@ -3,7 +3,7 @@
 import modules.scripts as scripts
 from modules import script_callbacks
 
-from lib_magicfusion.webui import api, extension, sampling, settings, ui, xyz
+from lib_magicfusion.webui import api, extension, guard, sampling, settings, ui, xyz
 
 sampling.install()
 
@@ -34,5 +34,12 @@ class MagicFusionScript(scripts.Script):
 
 script_callbacks.on_ui_settings(settings.register)
 script_callbacks.on_before_ui(xyz.register)
-script_callbacks.on_app_started(lambda demo, app: api.register(app))
+
+
+def on_app_started(demo, app):
+    api.register(app)
+    guard.install(app)  # validates the raw alwayson_scripts args before the WebUI pads them
+
+
+script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_script_unloaded(extension.unload)
