@@ -8,6 +8,7 @@ main model and all of that state are saved before and put back after, also on fa
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import threading
@@ -167,19 +168,38 @@ def _load_beside_main(info):
         if main is not None:
             sd_hijack.model_hijack.hijack(main)
             sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
-    # The expert's VAE is never used: keep it off the accelerator.
-    if getattr(expert, "first_stage_model", None) is not None and devices.device != devices.cpu:
-        expert.first_stage_model.to(devices.cpu)
+    # The expert's VAE is never used: its weights are dropped. Its text encoder is needed
+    # only to encode prompts: it waits off the accelerator (see text_encoder_ready).
+    if getattr(expert, "first_stage_model", None) is not None:
+        expert.first_stage_model.to("meta")
+    if devices.device != devices.cpu and getattr(expert, "cond_stage_model", None) is not None:
+        expert.cond_stage_model.to(devices.cpu)
     expert.eval().requires_grad_(False)
     return expert
 
 
+@contextlib.contextmanager
+def text_encoder_ready(expert: Expert):
+    """The expert's text encoder on the accelerator while prompts are encoded."""
+    encoder = getattr(expert.model, "cond_stage_model", None)
+    if expert.is_main or encoder is None or devices.device == devices.cpu:
+        yield
+        return
+    encoder.to(devices.device)
+    try:
+        yield
+    finally:
+        encoder.to(devices.cpu)
+
+
 def expert_memory_bytes(expert: Optional[Expert]) -> int:
+    """Bytes of weights the expert holds beyond the main model (its UNet and text encoder)."""
     if expert is None or expert.is_main:
         return 0
-    return sum(t.numel() * t.element_size() for t in expert.model.model.parameters())
+    tensors = list(expert.model.parameters()) + list(expert.model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
 
 cache = ExpertCache()
 
-__all__ = ["Expert", "ExpertCache", "cache", "resolve", "check_compatible", "architecture", "expert_memory_bytes"]
+__all__ = ["Expert", "ExpertCache", "cache", "resolve", "check_compatible", "architecture", "expert_memory_bytes", "text_encoder_ready"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -125,7 +126,8 @@ def encode(p, run: sampling.Run, hires: bool) -> sampling.PassConds:
     if params.expert_negative_prompt.strip():
         negatives = [params.expert_negative_prompt] * len(negatives)
     steps = p.firstpass_steps
-    with devices.autocast(), torch.no_grad():
+    ready = experts.text_encoder_ready(run.expert) if model is run.expert.model else contextlib.nullcontext()
+    with ready, devices.autocast(), torch.no_grad():
         c = prompt_parser.get_multicond_learned_conditioning(
             model, prompt_parser.SdConditioning(prompts, width=width, height=height), steps, hires_steps, shared.opts.use_old_scheduling)
         uc = prompt_parser.get_learned_conditioning(
