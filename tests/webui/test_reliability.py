@@ -20,7 +20,6 @@ import math
 import os
 import pickle
 import re
-import shutil
 import struct
 import sys
 import threading

@@ -14,7 +14,6 @@ fixtures, so a test may add a checkpoint) and a ui-config file with small defaul
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -60,14 +59,9 @@ class BrowserUnavailable(RuntimeError):
 
 
 def _load_server_module():
-    name = "magicfusion_webui_server"  # the same name conftest.py uses: one module object
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(WEBUI_TESTS, "server.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """The runner module, as tests/webui/conftest.py loaded it (one module object)."""
+    from tests.webui.conftest import webui_server
+    return webui_server
 
 
 def find_chromium() -> str:
