@@ -23,7 +23,8 @@
         "Expert text encoder": "Which text encoder encodes the expert prompts: the expert's own, or the main model's (official code).",
         "Apply in hires fix pass": "Also fuse during the hires fix second pass.",
         "Show fusion mask": "Add the final fusion mask and a strip of masks over the steps to the gallery (white = expert).",
-        "MagicFusion": "Fuse the main checkpoint (general model) with an expert checkpoint at every sampling step."
+        "MagicFusion": "Fuse the main checkpoint (general model) with an expert checkpoint at every sampling step.",
+        "\u23cf\ufe0f": "MagicFusion: unload the expert checkpoint now (it is loaded again when needed)"
     } /* END MAGICFUSION HINTS */;
 
     if (typeof titles !== "object" || titles === null) return; // not the A1111 page

@@ -15,6 +15,9 @@ from typing import Any, Mapping, Sequence
 __all__ = ["MagicFusionError", "FusionParams", "FIELDS", "FIELD_NAMES", "INFOTEXT_PREFIX"]
 
 INFOTEXT_PREFIX = "MagicFusion"
+# Controls that are not fields, by the text they show, with their hover hints.
+UNLOAD_SYMBOL = "\u23cf\ufe0f"  # the eject symbol
+BUTTON_HINTS = {UNLOAD_SYMBOL: "MagicFusion: unload the expert checkpoint now (it is loaded again when needed)"}
 MAX_TEXT = 20_000
 
 

@@ -10,9 +10,9 @@ import gradio as gr
 
 from modules import sd_models
 from modules.ui_common import create_refresh_button
-from modules.ui_components import FormRow, InputAccordion
+from modules.ui_components import FormRow, InputAccordion, ToolButton
 
-from ..params import FIELDS, FIELD_NAMES, INFOTEXT_KEYS, MagicFusionError, parse_infotext_value
+from ..params import FIELD_NAMES, FIELDS, INFOTEXT_KEYS, UNLOAD_SYMBOL, MagicFusionError, parse_infotext_value
 
 SLIDERS = {  # the UI's ranges; the API accepts the params model's wider ones
     "k_general": (0.0, 10.0, 0.05),
@@ -57,6 +57,8 @@ def build(tab: str):
                 elem_id=eid("expert_checkpoint"), allow_custom_value=True)
             create_refresh_button(comps["expert_checkpoint"], sd_models.list_models,
                                   lambda: {"choices": checkpoint_titles()}, eid("expert_checkpoint_refresh"))
+            unload = ToolButton(value=UNLOAD_SYMBOL, elem_id=eid("unload_expert"))
+            unload.click(fn=_unload_expert, inputs=[], outputs=[])
         for name in ("expert_prompt", "expert_negative_prompt"):
             comps[name] = control(name)
         with FormRow():
@@ -81,6 +83,11 @@ def build(tab: str):
     # "Send to img2img" copies by these functions, so they must be the same objects.
     infotext_fields = [(enabled, _is_fused)] + [(comps[name], paster) for name, paster in PASTERS.items()]
     return components, infotext_fields, [_is_fused, *PASTERS.values()]
+
+
+def _unload_expert() -> None:
+    from .extension import unload
+    unload()
 
 
 def _is_fused(d) -> bool:

@@ -3,7 +3,7 @@
 The WebUI shows a control's hint as a tooltip through hints.js's `titles` map, keyed by the
 label text. The JS file is written by hand, so this test ties it to FusionParams: every field's
 `label` maps to exactly its `hint`, and nothing else is in the map except the accordion header
-"MagicFusion", which carries the hint of `enabled`.
+"MagicFusion", which carries the hint of `enabled`, and the buttons of params.BUTTON_HINTS.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from lib_magicfusion.params import FIELDS
+from lib_magicfusion.params import BUTTON_HINTS, FIELDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JS_PATH = os.path.join(REPO, "javascript", "magicfusion-hints.js")
@@ -27,6 +27,7 @@ ACCORDION_LABEL = "MagicFusion"  # the InputAccordion's header in lib_magicfusio
 def expected() -> dict[str, str]:
     hints = {f.metadata["label"]: f.metadata["hint"] for f in FIELDS}
     hints[ACCORDION_LABEL] = next(f for f in FIELDS if f.name == "enabled").metadata["hint"]
+    hints.update(BUTTON_HINTS)
     return hints
 
 
