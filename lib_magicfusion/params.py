@@ -12,9 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-__all__ = ["MagicFusionError", "FusionParams", "FIELDS", "FIELD_NAMES", "INFOTEXT_PREFIX"]
+__all__ = ["MagicFusionError", "FusionParams", "FIELDS", "FIELD_NAMES"]
 
-INFOTEXT_PREFIX = "MagicFusion"
 # Controls that are not fields, by the text they show, with their hover hints.
 UNLOAD_SYMBOL = "\u23cf\ufe0f"  # the eject symbol
 BUTTON_HINTS = {UNLOAD_SYMBOL: "MagicFusion: unload the expert checkpoint now (it is loaded again when needed)"}
@@ -100,7 +99,8 @@ class FusionParams:
             # The named form: the WebUI fills the remaining slots with the UI's defaults.
             return cls.from_dict(args[0])
         if len(args) != len(FIELD_NAMES):
-            raise MagicFusionError(f"expected {len(FIELD_NAMES)} positional values ({', '.join(FIELD_NAMES)}), got {len(args)}", "args")
+            raise MagicFusionError(f"expected {len(FIELD_NAMES)} positional values ({', '.join(FIELD_NAMES)}) "
+                                   f"or one object of named fields, got {len(args)}", "args")
         return cls(**dict(zip(FIELD_NAMES, args)))
 
     @classmethod
@@ -208,5 +208,4 @@ def parse_infotext_value(f: dataclasses.Field, text: Any) -> Any:
 
 FIELDS = dataclasses.fields(FusionParams)
 FIELD_NAMES = tuple(f.name for f in FIELDS)
-DEFAULTS = tuple(f.default for f in FIELDS)
 INFOTEXT_KEYS = {f.name: f.metadata["infotext"] for f in FIELDS if f.metadata["infotext"]}

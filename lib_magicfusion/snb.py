@@ -49,21 +49,13 @@ def _blurred_abs(delta: torch.Tensor, blur: int) -> torch.Tensor:
     return magnitude.mean(dim=1, keepdim=True)
 
 
-def _softmax_hw(maps: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:
-    n, _, height, width = maps.shape
-    scaled = maps.reshape(n, height * width) * k
-    return torch.softmax(scaled, dim=1).reshape(n, 1, height, width)
-
-
 def saliency(delta: torch.Tensor, k: float, blur: int = 4) -> torch.Tensor:
     """Normalised saliency map of one model's guidance term.
 
     delta: (B, C, H, W) guidance term s*(eps_cond - eps_uncond) in epsilon space.
     Returns (B, 1, H, W) in float32 (float64 for float64 input); each sample sums to 1.
     """
-    if delta.dim() != 4:
-        raise ValueError(f"MagicFusion: delta must have shape (B, C, H, W), got {tuple(delta.shape)}")
-    return _softmax_hw(_blurred_abs(delta, blur), float(k))
+    return saliency_maps([delta], [k], blur)[0]
 
 
 @functools.lru_cache(maxsize=64)

@@ -25,12 +25,16 @@ def _credentials() -> dict[str, str]:
     return dict(item.split(":", 1) for item in text.strip('"').replace("\n", "").split(",") if ":" in item)
 
 
-def _auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic(auto_error=False))):
+def credentials_ok(user: str | None, password: str | None) -> bool:
+    """Whether --api-auth (if set) accepts these credentials: the WebUI's own rule."""
     allowed = _credentials()
     if not allowed:
         return True
-    if credentials is not None and credentials.username in allowed and \
-            secrets.compare_digest(credentials.password, allowed[credentials.username]):
+    return user in allowed and password is not None and secrets.compare_digest(password.encode(), allowed[user].encode())
+
+
+def _auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic(auto_error=False))):
+    if credentials_ok(credentials.username if credentials else None, credentials.password if credentials else None):
         return True
     raise HTTPException(status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import secrets
 from typing import Any, Optional
 
 from starlette.concurrency import run_in_threadpool
@@ -63,33 +62,26 @@ def validate_entry(entry: Any) -> None:
                                f"values), got {type(args).__name__}", "args")
     if not args:
         return  # no values: the script's defaults (disabled), as the WebUI documents
-    if isinstance(args[0], dict):
-        if len(args) != 1:
-            raise MagicFusionError(f"the named form is exactly one object of named fields, got {len(args)} values", "args")
-    elif len(args) != len(FIELD_NAMES):
-        raise MagicFusionError(f"expected {len(FIELD_NAMES)} positional values ({', '.join(FIELD_NAMES)}) "
-                               f"or one object of named fields, got {len(args)}", "args")
-    from . import expert, extension  # the WebUI's modules are importable once the app runs
+    if isinstance(args[0], dict) and len(args) != 1:
+        raise MagicFusionError(f"the named form is exactly one object of named fields, got {len(args)} values", "args")
+    from . import expert, extension  # the script's own parse checks the positional form's length  # the WebUI's modules are importable once the app runs
     params = extension.parse(_NoOverrides(), args)
     if params.enabled:
         expert.resolve(params.expert_checkpoint)
 
 
 def _authorized(headers: dict[bytes, bytes]) -> bool:
-    """Whether --api-auth (if set) would accept this request; the same rule as api._auth."""
+    """Whether --api-auth (if set) would accept this request; the same rule as the routes."""
     from . import api
-    allowed = api._credentials()
-    if not allowed:
-        return True
     value = headers.get(b"authorization", b"").decode("latin-1")
     scheme, _, token = value.partition(" ")
-    if scheme.lower() != "basic":
-        return False
-    try:
-        user, _, password = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return False
-    return user in allowed and secrets.compare_digest(password.encode(), allowed[user].encode())
+    user = password = None
+    if scheme.lower() == "basic":
+        try:
+            user, _, password = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            user = password = None
+    return api.credentials_ok(user, password)
 
 
 def error_body(e: MagicFusionError) -> bytes:

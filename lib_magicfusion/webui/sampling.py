@@ -74,8 +74,6 @@ class Run:
     active: bool = False              # fusing in the current sampling pass
     call: Optional[Call] = None
     wrappers: dict = field(default_factory=dict)
-    expert_calls: int = 0             # model calls that evaluated the expert's rows
-    fused_calls: int = 0              # denoiser calls that fused
     batch_masks: list = field(default_factory=list)   # per batch: {step: (B,1,h,w) uint8}
     cfg_pp_uncond: Optional[torch.Tensor] = None
     cfg_pp_denoiser: Any = None
@@ -126,7 +124,6 @@ class Gate(torch.nn.Module):
         out = self.inner(x, sigma, **kwargs)
         if call.mode == "separate" and call.expert_pred is None:
             call.expert_pred = _checked(run, lambda: _evaluate_expert(run, call))
-            run.expert_calls += 1
         return out
 
 
@@ -328,7 +325,6 @@ def _fuse_rows(run: Run, call: Call, x_out: torch.Tensor) -> None:
     elif call.mode == "batched":
         n = sum(len(parts) for parts in call.expert_conds_list)
         expert = Prediction(x_out[rows:rows + n], main_uncond, call.expert_conds_list, _expert_scale(run, denoiser))
-        run.expert_calls += 1
     else:
         expert = call.expert_pred
         if expert is None:
@@ -337,8 +333,6 @@ def _fuse_rows(run: Run, call: Call, x_out: torch.Tensor) -> None:
             expert.uncond = main_uncond
     space = _space(denoiser)
     result = run.fusion.combine(call.plan, [main, expert], space, call.sigma if space == "x0" else None, step=call.step)
-    if call.plan.fuse:
-        run.fused_calls += 1
     fused = result.denoised.to(x_out.dtype)
     if getattr(denoiser, "need_last_noise_uncond", False):
         # DDIM CFG++ steers with the uncond noise: hand it the fused one (before the rows,
