@@ -168,6 +168,31 @@ class WebUIPage:
         self.console_errors: list[str] = []
         self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
         self.page.on("pageerror", lambda e: self.console_errors.append(f"pageerror: {e}"))
+        # Gradio events in flight: queued ones ride a websocket each, the others an HTTP POST.
+        self.in_flight = 0
+        self.page.on("websocket", self._track_websocket)
+        self.page.on("request", lambda r: self._count_post(r, +1))
+        self.page.on("requestfinished", lambda r: self._count_post(r, -1))
+        self.page.on("requestfailed", lambda r: self._count_post(r, -1))
+
+    def _track_websocket(self, ws) -> None:
+        self.in_flight += 1
+        ws.on("close", lambda _ws: setattr(self, "in_flight", self.in_flight - 1))
+
+    def _count_post(self, request, delta: int) -> None:
+        if request.method == "POST" and ("/run/" in request.url or "/api/predict" in request.url):
+            self.in_flight += delta
+
+    def settle(self, quiet_ms: int = 300, timeout_ms: int = 30_000) -> None:
+        """Wait until no Gradio event has been in flight for `quiet_ms`: an event still running
+        (say, the change handler of a dropdown) may overwrite what is typed next."""
+        waited = quiet = 0
+        while quiet < quiet_ms:
+            if waited > timeout_ms:
+                raise AssertionError(f"Gradio events still in flight after {timeout_ms} ms")
+            self.page.wait_for_timeout(50)
+            waited += 50
+            quiet = quiet + 50 if self.in_flight <= 0 else 0
 
     def _route(self, route):
         url = route.request.url
@@ -245,6 +270,15 @@ class WebUIPage:
         box.locator(f"ul.options li[data-value={json.dumps(value)}]").click()
         self.page.wait_for_function("([sel, v]) => document.querySelector(sel + ' input').value === v",
                                     arg=[selector, value])
+        self.settle()
+
+    def fill(self, selector: str, text: str) -> None:
+        """Type `text` into the text box at `selector` once the page is idle, and check it stays."""
+        self.settle()
+        box = self.page.locator(selector).locator("textarea, input").first
+        box.fill(text)
+        self.settle()
+        assert box.input_value() == text, f"{selector}: typed {text!r}, the page shows {box.input_value()!r}"
 
     def expert_choices(self, tab: str) -> list[str]:
         box = self.mf(tab, "expert_checkpoint")

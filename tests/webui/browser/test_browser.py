@@ -214,7 +214,7 @@ def test_xyz_plot_over_k_expert_makes_three_different_images(web):
     web.choose_expert(tab, "tiny-eps-b")
     web.select("#tab_txt2img #script_list", "X/Y/Z plot")
     web.select("#script_txt2img_xyz_plot_x_type", "[MagicFusion] k expert")
-    web.page.locator("#script_txt2img_xyz_plot_x_values").locator("textarea, input").first.fill(", ".join(values))
+    web.fill("#script_txt2img_xyz_plot_x_values", ", ".join(values))
     web.page.locator("#script_txt2img_xyz_plot_include_lone_images input[type=checkbox]").check()
     info = web.generate(tab, expect_images=1 + len(values))
     urls = web.gallery_urls(tab)
