@@ -216,6 +216,35 @@ class SNBFusion:
             return StepPlan(False, (0,))
         return StepPlan(True, tuple(range(self.n_models)))
 
+    def _saliency_inputs(self, preds: Sequence[Prediction], space: Space,
+                         sigma: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The models' guidance terms stacked (N, B, C, H, W) and their temperatures.
+
+        The saliency of |w * s * (c - u)| / sigma is that of |c - u| at temperature
+        k * |w * s| / sigma (snb.stacked_saliency), so with one cond row per image the terms
+        are one subtraction for all models, and the scale and sigma go into N x B numbers
+        rather than full-size tensors. AND-prompts sum their weighted rows (guidance_term).
+        In the x0 space an x0 difference is -sigma times the eps difference.
+        """
+        general = preds[0]
+        dtype = snb.compute_dtype(general.cond.dtype)
+        own = self.baseline == "own"
+        weights = [_uniform_weight(p) for p in preds]
+        if None not in weights:
+            reference = torch.stack([p.uncond for p in preds]) if own else general.uncond
+            deltas = torch.stack([p.cond for p in preds]).to(dtype) - reference.to(dtype)
+            factors = [abs(w * p.cfg_scale) for w, p in zip(weights, preds)]
+        else:
+            deltas = torch.stack([guidance_term(p, p.uncond if own else general.uncond) for p in preds])
+            factors = [1.0] * len(preds)
+        temperatures = snb.k_column(tuple(k * f for k, f in zip(self.ks, factors)), dtype, deltas.device)
+        if space == "x0":
+            if sigma is None:
+                raise ValueError("MagicFusion: the x0 space needs sigma to measure saliency")
+            sigma = torch.as_tensor(sigma, device=deltas.device).to(dtype).reshape(1, -1, 1)
+            temperatures = temperatures / sigma.clamp_min(torch.finfo(dtype).tiny)
+        return deltas, temperatures
+
     def combine(self, plan: StepPlan, preds: Sequence[Optional[Prediction]], space: Space,
                 sigma: Optional[torch.Tensor] = None, step: Optional[int] = None) -> FusionResult:
         """The guided prediction for this call. preds[m] must be given for m in plan.models."""
@@ -227,14 +256,8 @@ class SNBFusion:
         dtype = general.cond.dtype
         outputs = [guided(p).to(dtype) for p in preds]
         if all(p.uncond is not None for p in preds):
-            deltas = [guidance_term(p, general.uncond if self.baseline == "general" else p.uncond) for p in preds]
-            if space == "x0":
-                if sigma is None:
-                    raise ValueError("MagicFusion: the x0 space needs sigma to measure saliency")
-                # x0 = x - sigma * eps, so an x0 difference is -sigma times the eps difference.
-                s = _per_sample(sigma, deltas[0]).clamp_min(torch.finfo(deltas[0].dtype).tiny)
-                deltas = [d / s for d in deltas]
-            mask = snb.fusion_mask(deltas, self.ks, self.blur)
+            deltas, temperatures = self._saliency_inputs(preds, space, sigma)
+            mask = torch.argmax(snb.stacked_saliency(deltas, temperatures, self.blur), dim=0)
             self.last_mask = mask
             if self.record_masks and step is not None:
                 self.masks[step] = mask.to("cpu", torch.uint8)

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["saliency", "saliency_maps", "fusion_mask", "blend", "compute_dtype"]
+__all__ = ["saliency", "saliency_maps", "stacked_saliency", "k_column", "fusion_mask", "blend", "compute_dtype"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,9 +59,28 @@ def saliency(delta: torch.Tensor, k: float, blur: int = 4) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _k_column(ks: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The temperatures as an (N, 1, 1) tensor, made once per device (no copy per step)."""
+def k_column(ks: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Temperatures (a tuple of floats) as an (N, 1, 1) tensor, made once per device and dtype
+    (no host-to-device copy per step)."""
     return torch.tensor(ks, dtype=dtype, device=device).reshape(-1, 1, 1)
+
+
+def stacked_saliency(deltas: torch.Tensor, temperatures: torch.Tensor, blur: int = 4) -> torch.Tensor:
+    """Saliency of N models' guidance terms stacked as (N, B, C, H, W) -> (N, B, 1, H, W).
+
+    temperatures: k per model, (N, 1, 1), or per model and sample, (N, B, 1). The blur, the
+    resize and the channel mean are linear, so the saliency of c * delta (c >= 0) is that of
+    delta with k * c: a caller may fold a scale into the temperature instead of multiplying
+    the whole delta (the fusion step folds the guidance scale and 1/sigma in this way).
+    Computed in `compute_dtype` of the input.
+    """
+    if deltas.dim() != 5:
+        raise ValueError(f"MagicFusion: stacked guidance terms must have shape (N, B, C, H, W), got {tuple(deltas.shape)}")
+    n, batch, channels, height, width = deltas.shape
+    dtype = compute_dtype(deltas.dtype)
+    maps = _blurred_abs(deltas.reshape(n * batch, channels, height, width).to(dtype), blur)
+    scaled = maps.reshape(n, batch, height * width) * temperatures.to(dtype)
+    return torch.softmax(scaled, dim=2).reshape(n, batch, 1, height, width)
 
 
 def saliency_maps(deltas: Sequence[torch.Tensor], ks: Sequence[float], blur: int = 4) -> torch.Tensor:
@@ -80,13 +99,9 @@ def saliency_maps(deltas: Sequence[torch.Tensor], ks: Sequence[float], blur: int
             raise ValueError(f"MagicFusion: guidance terms differ in shape: {tuple(shape)} vs {tuple(d.shape)}")
     if len(shape) != 4:
         raise ValueError(f"MagicFusion: delta must have shape (B, C, H, W), got {tuple(shape)}")
-    batch = shape[0]
     dtype = compute_dtype(deltas[0].dtype)
-    stacked = torch.cat([d.to(dtype) for d in deltas], dim=0)
-    maps = _blurred_abs(stacked, blur)
-    n, height, width = len(deltas), shape[-2], shape[-1]
-    scaled = maps.reshape(n, batch, height * width) * _k_column(tuple(float(k) for k in ks), dtype, maps.device)
-    return torch.softmax(scaled, dim=2).reshape(n, batch, 1, height, width)
+    stacked = torch.stack([d.to(dtype) for d in deltas])
+    return stacked_saliency(stacked, k_column(tuple(float(k) for k in ks), dtype, stacked.device), blur)
 
 
 def fusion_mask(deltas: Sequence[torch.Tensor], ks: Sequence[float], blur: int = 4) -> torch.Tensor:

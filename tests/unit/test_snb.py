@@ -70,6 +70,23 @@ def test_each_sample_is_independent_of_the_batch(shape, blur, k, seed):
         assert torch.equal(alone, mask[i:i + 1])
 
 
+@settings(max_examples=60, deadline=None)
+@given(shapes, st.integers(0, 5), st.lists(st.floats(0.1, 10), min_size=2, max_size=2), st.integers(0, 2**31 - 1))
+def test_a_scale_folded_into_the_temperature_equals_scaling_the_delta(shape, blur, ks, seed):
+    """What the fusion step relies on: saliency(c * delta, k) == saliency(delta, k * c), c >= 0
+    per model and per sample (the guidance scale and 1/sigma)."""
+    blur = valid_blur(shape, blur)
+    f64 = torch.float64  # an identity of real numbers: checked where rounding stays far below the tolerance
+    deltas = torch.stack([tensor(shape, seed, dtype=f64), tensor(shape, seed + 1, dtype=f64)])
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.rand(2, shape[0], generator=g, dtype=f64) * 20 + 0.01
+    temperatures = torch.tensor(ks, dtype=f64).reshape(2, 1, 1) * scales.reshape(2, -1, 1)
+    folded = snb.stacked_saliency(deltas, temperatures, blur)
+    for m in range(2):
+        scaled = deltas[m] * scales[m].reshape(-1, 1, 1, 1)
+        torch.testing.assert_close(folded[m], snb.saliency(scaled, ks[m], blur), rtol=1e-10, atol=1e-12)
+
+
 def test_golden_official_operators():
     """The official chain, written out with torch's modules as the official code builds it."""
     delta = tensor((2, 4, 64, 64), 7) * 3
