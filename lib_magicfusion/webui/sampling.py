@@ -271,8 +271,15 @@ def _plan_call(run: Run, params) -> Call:
         params.x = torch.cat([params.x[:main_rows], _rows(x, e_conds_list), params.x[main_rows:]])
         params.sigma = torch.cat([params.sigma[:main_rows], _rows(sigma, e_conds_list), params.sigma[main_rows:]])
         params.image_cond = torch.cat([params.image_cond[:main_rows], _rows(image_cond, e_conds_list), params.image_cond[main_rows:]])
-        params.text_cond = catenate_conds([params.text_cond, tensor])
+        params.text_cond = _joined([params.text_cond, tensor])
     return call
+
+
+def _joined(conds):
+    """Cond batches joined row-wise, as the WebUI hands them on: SDXL's dict conds keep the
+    `shape` its CFG denoiser reads (prompt_parser.DictWithShape)."""
+    out = catenate_conds(conds)
+    return prompt_parser.DictWithShape(out) if isinstance(out, dict) else out
 
 
 def _evaluate_expert(run: Run, call: Call) -> Prediction:

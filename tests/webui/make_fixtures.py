@@ -1,4 +1,4 @@
-"""Write tiny random SD1-style checkpoints for the WebUI test bed.
+"""Write tiny random SD1- and SDXL-architecture checkpoints for the WebUI test bed.
 
 Run it with the WebUI's own Python (it imports the WebUI's ``ldm`` package from
 ``<webui>/repositories/stable-diffusion-stability-ai`` and the venv's
@@ -13,9 +13,11 @@ What it writes into ``--out``:
   ``bpe_simple_vocab_16e6.txt.gz`` that ``open_clip`` or ``clip`` ships).
 * ``checkpoints/tiny-eps-a.safetensors`` / ``checkpoints/tiny-eps-b.safetensors``:
   epsilon-prediction models with different seeds, and ``checkpoints/tiny-v.safetensors``:
-  a v-prediction model; pass ``checkpoints/`` as ``--ckpt-dir`` (A1111 scans it
-  recursively, so the CLIP folder must not be inside it). Each has a ``<name>.yaml`` beside it (A1111 uses the yaml next to a checkpoint),
-  whose ``cond_stage_config.params.version`` is the absolute path of ``clip-tiny``.
+  a v-prediction model; ``checkpoints/tiny-xl-a`` / ``tiny-xl-b``: two SDXL-architecture
+  (sgm ``DiffusionEngine``) epsilon models, which the WebUI loads as SDXL. Pass
+  ``checkpoints/`` as ``--ckpt-dir`` (A1111 scans it recursively, so the CLIP folder must
+  not be inside it). Each has a ``<name>.yaml`` beside it (A1111 uses the yaml next to a
+  checkpoint), which names the absolute path of ``clip-tiny``.
 * ``manifest.json``: names, seeds, parameterisation, sizes and sha256 of each file.
 
 The output is deterministic: the same generator and library versions give the same
@@ -44,11 +46,15 @@ VAE_MULT = [1, 1, 2, 2]  # 32, 32, 64, 64 channels; four levels = 8x downsamplin
 RERANDOM_STD = 0.02  # std for parameters that upstream initialises to exactly zero
 
 MODELS = [
-    # name, seed, parameterization
-    ("tiny-eps-a", 1001, "eps"),
-    ("tiny-eps-b", 2002, "eps"),
-    ("tiny-v", 3003, "v"),
+    # name, seed, parameterization, family ("sd1": ldm LatentDiffusion; "xl": sgm DiffusionEngine)
+    ("tiny-eps-a", 1001, "eps", "sd1"),
+    ("tiny-eps-b", 2002, "eps", "sd1"),
+    ("tiny-v", 3003, "v", "sd1"),
+    ("tiny-xl-a", 5005, "eps", "xl"),
+    ("tiny-xl-b", 6006, "eps", "xl"),
 ]
+XL_VECTOR_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+XL_SIZE_EMBED = 256  # per number: each key embeds 2 numbers -> 512; 3 keys -> adm_in_channels 1536
 
 
 VAE_SEED = 4242
@@ -61,9 +67,11 @@ def webui_dir() -> str:
 
 def setup_imports(root: str) -> None:
     ldm_repo = os.path.join(root, "repositories", "stable-diffusion-stability-ai")
-    if not os.path.isdir(os.path.join(ldm_repo, "ldm")):
-        raise SystemExit(f"make_fixtures: no ldm package under {ldm_repo}")
-    for p in (ldm_repo, root):
+    sgm_repo = os.path.join(root, "repositories", "generative-models")
+    for repo, package in ((ldm_repo, "ldm"), (sgm_repo, "sgm")):
+        if not os.path.isdir(os.path.join(repo, package)):
+            raise SystemExit(f"make_fixtures: no {package} package under {repo}")
+    for p in (ldm_repo, sgm_repo, root):
         if p not in sys.path:
             sys.path.insert(0, p)
 
@@ -192,6 +200,37 @@ def model_config(name: str, parameterization: str, clip_dir: str) -> dict:
                       "params": params}}
 
 
+def xl_model_config(clip_dir: str) -> dict:
+    """An SDXL-architecture model (sgm DiffusionEngine: the WebUI treats it as SDXL) at toy
+    size. Its conditioner is the tiny CLIP (cross-attention, penultimate layer) and SDXL's
+    size embedders (the "vector" cond); the pooled OpenCLIP-G text vector is left out, as
+    it would need a second text encoder. The VAE config, and weights, are the SD1 fixtures'."""
+    ddconfig = model_config("", "eps", clip_dir)["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
+    sgm = "sgm.modules.diffusionmodules."
+    return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
+        "scale_factor": 0.18215, "disable_first_stage_autocast": True,
+        "denoiser_config": {"target": sgm + "denoiser.DiscreteDenoiser", "params": {
+            "num_idx": 1000,
+            "weighting_config": {"target": sgm + "denoiser_weighting.EpsWeighting"},
+            "scaling_config": {"target": sgm + "denoiser_scaling.EpsScaling"},
+            "discretization_config": {"target": sgm + "discretizer.LegacyDDPMDiscretization"}}},
+        "network_config": {"target": sgm + "openaimodel.UNetModel", "params": {
+            "adm_in_channels": 2 * XL_SIZE_EMBED * len(XL_VECTOR_KEYS), "num_classes": "sequential",
+            "use_checkpoint": False, "in_channels": 4, "out_channels": 4,
+            "model_channels": UNET_CHANNELS, "attention_resolutions": [1, 2], "num_res_blocks": 1,
+            "channel_mult": UNET_MULT, "num_head_channels": 16, "use_spatial_transformer": True,
+            "use_linear_in_transformer": True, "transformer_depth": 1, "context_dim": CLIP_HIDDEN,
+            "spatial_transformer_attn_type": "softmax", "legacy": False}},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": [
+            {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+             "params": {"version": clip_dir, "layer": "hidden", "layer_idx": CLIP_LAYERS - 1}},
+            *({"is_trainable": False, "input_key": key, "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+               "params": {"outdim": XL_SIZE_EMBED}} for key in XL_VECTOR_KEYS)]}},
+        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
+            "embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": {**ddconfig, "attn_type": "vanilla"},
+            "lossconfig": {"target": "torch.nn.Identity"}}}}}}
+
+
 def _round_to_fp16(module) -> None:
     """Make every float parameter exactly representable in fp16 (checkpoints are fp16)."""
     import torch
@@ -222,8 +261,11 @@ def _calibrate_unet(model, gen) -> float:
     x = torch.randn((2, 4, 8, 8), generator=gen)
     t = torch.tensor([250, 750])
     ctx = torch.randn((2, 77, CLIP_HIDDEN), generator=gen)
+    extra = {}
+    if getattr(unet, "num_classes", None) is not None:  # SDXL: the size vector
+        extra["y"] = torch.randn((2, unet.label_emb[0][0].in_features), generator=gen)
     with torch.no_grad():
-        out = unet(x, t, context=ctx)
+        out = unet(x, t, context=ctx, **extra)
         factor = 1.0 / float(out.std())
         last = unet.out[-1]
         last.weight.mul_(factor)
@@ -263,35 +305,47 @@ def _calibrate_vae(model, gen) -> float:
     return factor
 
 
-def make_model(name: str, seed: int, parameterization: str, clip_dir: str, out: str) -> dict:
+def make_model(name: str, seed: int, parameterization: str, family: str, clip_dir: str, out: str,
+               vae_state: dict | None = None) -> tuple[dict, dict]:
+    """Write <name>.safetensors and <name>.yaml into `out`; returns (manifest entry, VAE state).
+
+    Every fixture shares one VAE, as real checkpoints of a family share their VAE: two
+    models' images then differ only by their UNets (and an expert that runs alone on the main
+    model's latents decodes to exactly its own image). The first model builds and calibrates
+    it; later ones (and the SDXL-architecture ones, whose VAE has the same layout) load it.
+    """
     import torch
     import yaml
-    from ldm.util import instantiate_from_config
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
-
-    cfg = model_config(name, parameterization, clip_dir)
+    if family == "xl":
+        from sgm.util import instantiate_from_config
+        cfg = xl_model_config(clip_dir)
+    else:
+        from ldm.util import instantiate_from_config
+        cfg = model_config(name, parameterization, clip_dir)
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.create(cfg).model).eval()
     gen = torch.Generator().manual_seed(seed)
     zeros = _randomise_zeros(model.model, gen)
     unet_factor = _calibrate_unet(model, gen)
-    # Every fixture shares one VAE, as real SD1/SD2 checkpoints share SD's VAE: two models'
-    # images then differ only by their UNets (and an expert that runs alone on the main
-    # model's latents decodes to exactly its own image).
-    torch.manual_seed(VAE_SEED)
-    vae = instantiate_from_config(OmegaConf.create(cfg).model.params.first_stage_config)
-    model.first_stage_model.load_state_dict(vae.state_dict())
-    vae_gen = torch.Generator().manual_seed(VAE_SEED)
-    zeros += _randomise_zeros(model.first_stage_model, vae_gen)
-    vae_factor = _calibrate_vae(model, vae_gen)
+    vae_factor = None
+    if vae_state is None:
+        torch.manual_seed(VAE_SEED)
+        vae = instantiate_from_config(OmegaConf.create(cfg).model.params.first_stage_config)
+        model.first_stage_model.load_state_dict(vae.state_dict())
+        vae_gen = torch.Generator().manual_seed(VAE_SEED)
+        zeros += _randomise_zeros(model.first_stage_model, vae_gen)
+        vae_factor = round(_calibrate_vae(model, vae_gen), 6)
+        _round_to_fp16(model.first_stage_model)
+        vae_state = {k: v.detach().clone() for k, v in model.first_stage_model.state_dict().items()}
+    else:
+        model.first_stage_model.load_state_dict(vae_state)
     _round_to_fp16(model.model)
-    _round_to_fp16(model.first_stage_model)
-
     sd = {}
     for k, v in model.state_dict().items():
         v = v.detach()
-        if v.is_floating_point() and k.split(".")[0] in ("model", "first_stage_model", "cond_stage_model"):
+        if v.is_floating_point() and k.split(".")[0] in ("model", "first_stage_model", "cond_stage_model", "conditioner"):
             v = v.half()  # weights in fp16 (A1111 upcasts with --no-half); schedule buffers stay fp32
         sd[k] = v.contiguous().clone()
     ckpt = os.path.join(out, name + ".safetensors")
@@ -301,9 +355,9 @@ def make_model(name: str, seed: int, parameterization: str, clip_dir: str, out: 
     with torch.no_grad():
         bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v.float()).all()]
     assert not bad, bad
-    return {"name": name, "seed": seed, "parameterization": parameterization,
+    return {"name": name, "seed": seed, "parameterization": parameterization, "family": family,
             "rerandomised_zero_tensors": zeros, "unet_out_scale": round(unet_factor, 6),
-            "vae_out_scale": round(vae_factor, 6), "tensors": len(sd)}
+            "vae_out_scale": vae_factor, "tensors": len(sd)}, vae_state
 
 
 def _sha256(path: str) -> str:
@@ -341,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         entries = []
         ckdir = os.path.join(tmp, "checkpoints")
         os.makedirs(ckdir)
-        for name, seed, param in MODELS:
-            info = make_model(name, seed, param, os.path.join(tmp, "clip-tiny"), ckdir)
+        vae_state = None
+        for name, seed, param, family in MODELS:
+            info, vae_state = make_model(name, seed, param, family, os.path.join(tmp, "clip-tiny"), ckdir, vae_state)
             ypath = os.path.join(ckdir, name + ".yaml")
             with open(ypath) as f:
                 text = f.read()

@@ -66,7 +66,7 @@ ENV_KEEP = "MAGICFUSION_WEBUI_KEEP"
 
 DEFAULT_STARTUP_TIMEOUT = 300.0  # a cold start on a 2-core machine takes ~10 s; be generous
 FIXTURE_TIMEOUT = 900.0
-CHECKPOINTS = ("tiny-eps-a", "tiny-eps-b", "tiny-v")
+CHECKPOINTS = ("tiny-eps-a", "tiny-eps-b", "tiny-v", "tiny-xl-a", "tiny-xl-b")
 
 WEBUI_FLAGS = [
     "--skip-prepare-environment",  # no git clones / pip installs: required offline
@@ -78,6 +78,11 @@ WEBUI_FLAGS = [
     "--no-download-sd-model",
     "--server-name", "127.0.0.1",  # without it --nowebui binds 0.0.0.0 (uvicorn host=None)
 ]
+
+# Settings the test bed starts with (<data-dir>/config.json). Live previews stay on, but
+# with the built-in cheap approximation: "Approx NN" downloads its SDXL weights on first use,
+# and the test bed has no network.
+WEBUI_SETTINGS = {"show_progress_type": "Approx cheap"}
 
 
 class WebUINotFound(RuntimeError):
@@ -260,6 +265,8 @@ class WebUIServer:
         self.data_dir = tempfile.mkdtemp(prefix=DATA_DIR_PREFIX)
         with open(os.path.join(self.data_dir, "owner.pid"), "w") as f:
             f.write(str(os.getpid()))
+        with open(os.path.join(self.data_dir, "config.json"), "w") as f:
+            json.dump(WEBUI_SETTINGS, f)
         hf_home = os.path.join(self.data_dir, "hf-home")
         os.makedirs(hf_home)
         if self.extension:

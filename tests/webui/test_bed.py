@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CHECKPOINTS = ["tiny-eps-a", "tiny-eps-b", "tiny-v"]
+CHECKPOINTS = ["tiny-eps-a", "tiny-eps-b", "tiny-v", "tiny-xl-a", "tiny-xl-b"]
 SAMPLERS = ["Euler a", "DDIM", "DPM++ 2M"]
 
 
