@@ -20,12 +20,8 @@ about 1.8 GB each), DIR/clip-768/ and DIR/manifest.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -34,7 +30,7 @@ sys.path.insert(0, os.path.join(REPO, "tests", "webui"))
 import make_fixtures as mf
 
 VERSION = 1  # bump when the output changes (part of the cache key)
-MODELS = [("bench-sd15-a", 11, "eps"), ("bench-sd15-b", 22, "eps"), ("bench-sd15-c", 33, "eps")]
+MODELS = [("bench-sd15-a", 11, "eps", "sd1"), ("bench-sd15-b", 22, "eps", "sd1"), ("bench-sd15-c", 33, "eps", "sd1")]
 SD15_UNET = {
     "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
     "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
@@ -65,38 +61,10 @@ def main(argv=None) -> int:
     configure()
     import torch
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".bench-fixtures-", dir=os.path.dirname(out))
-    try:
-        clip_tmp, clip_final = os.path.join(tmp, "clip-768"), os.path.join(out, "clip-768")
-        mf.write_text_encoder(clip_tmp)
-        ckdir = os.path.join(tmp, "checkpoints")
-        os.makedirs(ckdir)
-        entries = []
-        for name, seed, param in MODELS:
-            t0 = time.monotonic()
-            info = mf.make_model(name, seed, param, clip_tmp, ckdir)
-            ypath = os.path.join(ckdir, name + ".yaml")
-            with open(ypath) as f:
-                text = f.read()
-            with open(ypath, "w") as f:
-                f.write(text.replace(clip_tmp, clip_final))
-            info["bytes"] = os.path.getsize(os.path.join(ckdir, name + ".safetensors"))
-            entries.append(info)
-            print(f"make_sd15_fixtures: {name} in {time.monotonic() - t0:.1f} s ({info['bytes'] / 1e9:.2f} GB)", flush=True)
-        manifest = {"version": VERSION, "models": entries, "clip_dir": clip_final,
-                    "checkpoint_dir": os.path.join(out, "checkpoints"), "unet": SD15_UNET,
-                    "clip": {"hidden_size": 768, "layers": 1, "heads": 12, "intermediate": 256}}
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"make_sd15_fixtures: wrote {out}")
+    manifest = {"version": VERSION, "unet": SD15_UNET,
+                "clip": {"hidden_size": 768, "layers": 1, "heads": 12, "intermediate": 256}}
+    mf.write_set(args.out, "clip-768", MODELS, manifest, log=lambda line: print(f"make_sd15_fixtures: {line}", flush=True))
+    print(f"make_sd15_fixtures: wrote {os.path.abspath(args.out)}")
     return 0
 
 

@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 CLIP_HIDDEN = 32
 CLIP_LAYERS = 2
@@ -368,6 +369,53 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def write_set(out: str, clip_name: str, models, manifest: dict, log=print) -> dict:
+    """Write a text encoder (`clip_name/`), `checkpoints/` with `models` (name, seed,
+    parameterization, family) and `manifest.json` into `out`; returns the manifest.
+
+    The set is built in a sibling temp dir and renamed into place, so a half-written set is
+    never used. The yaml files name the text encoder's absolute path: the models are built
+    against the temp copy, then their yaml files are rewritten to the final path.
+    """
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".fixtures-", dir=parent)
+    try:
+        clip_tmp, clip_final = os.path.join(tmp, clip_name), os.path.join(out, clip_name)
+        write_text_encoder(clip_tmp)
+        ckdir = os.path.join(tmp, "checkpoints")
+        os.makedirs(ckdir)
+        entries, vae_state = [], None
+        for name, seed, param, family in models:
+            t0 = time.monotonic()
+            info, vae_state = make_model(name, seed, param, family, clip_tmp, ckdir, vae_state)
+            ypath = os.path.join(ckdir, name + ".yaml")
+            with open(ypath) as f:
+                text = f.read()
+            with open(ypath, "w") as f:
+                f.write(text.replace(clip_tmp, clip_final))
+            info["bytes"] = os.path.getsize(os.path.join(ckdir, name + ".safetensors"))
+            entries.append(info)
+            log(f"{name}: {time.monotonic() - t0:.1f} s, {info['bytes'] / 1e6:.1f} MB")
+        files = {}
+        for root, _, names in os.walk(tmp):
+            for n in sorted(names):
+                p = os.path.join(root, n)
+                files[os.path.relpath(p, tmp)] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
+        manifest = {"models": entries, "clip_dir": clip_final, "checkpoint_dir": os.path.join(out, "checkpoints"),
+                    **manifest, "files": dict(sorted(files.items()))}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output directory (created; must be empty or absent)")
@@ -379,52 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)  # bitwise-stable reductions during calibration
-
-    out = os.path.abspath(args.out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    # Build in a sibling temp dir and rename, so a half-written set is never used. The
-    # yaml files hold the absolute path of clip-tiny, so build with the final path in
-    # the configs and only move the directory at the end.
-    tmp = tempfile.mkdtemp(prefix=".fixtures-", dir=parent)
-    try:
-        clip_final = os.path.join(out, "clip-tiny")
-        write_text_encoder(os.path.join(tmp, "clip-tiny"))
-        # The ldm FrozenCLIPEmbedder loads from `version`; point it at the temp copy while
-        # building, then rewrite the path to the final location.
-        entries = []
-        ckdir = os.path.join(tmp, "checkpoints")
-        os.makedirs(ckdir)
-        vae_state = None
-        for name, seed, param, family in MODELS:
-            info, vae_state = make_model(name, seed, param, family, os.path.join(tmp, "clip-tiny"), ckdir, vae_state)
-            ypath = os.path.join(ckdir, name + ".yaml")
-            with open(ypath) as f:
-                text = f.read()
-            with open(ypath, "w") as f:
-                f.write(text.replace(os.path.join(tmp, "clip-tiny"), clip_final))
-            entries.append(info)
-        files = {}
-        for root, _, names in os.walk(tmp):
-            for n in sorted(names):
-                p = os.path.join(root, n)
-                files[os.path.relpath(p, tmp)] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
-        manifest = {"models": entries, "clip_dir": clip_final,
-                    "checkpoint_dir": os.path.join(out, "checkpoints"),
-                    "clip": {"hidden_size": CLIP_HIDDEN, "layers": CLIP_LAYERS, "heads": CLIP_HEADS},
-                    "unet": {"model_channels": UNET_CHANNELS, "channel_mult": UNET_MULT},
-                    "vae": {"ch": VAE_CH, "ch_mult": VAE_MULT},
-                    "files": dict(sorted(files.items()))}
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    manifest = write_set(args.out, "clip-tiny", MODELS, {
+        "clip": {"hidden_size": CLIP_HIDDEN, "layers": CLIP_LAYERS, "heads": CLIP_HEADS},
+        "unet": {"model_channels": UNET_CHANNELS, "channel_mult": UNET_MULT},
+        "vae": {"ch": VAE_CH, "ch_mult": VAE_MULT}}, log=lambda line: None)
     total = sum(v["bytes"] for v in manifest["files"].values())
-    print(f"make_fixtures: wrote {len(MODELS)} checkpoints + clip-tiny to {out} ({total / 1e6:.1f} MB)")
+    print(f"make_fixtures: wrote {len(MODELS)} checkpoints + clip-tiny to {os.path.abspath(args.out)} ({total / 1e6:.1f} MB)")
     return 0
 
 

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from . import pages
 from .pages import CONTROL_NAMES, SPEC, TABS
 
 ENABLED_HINT = SPEC["enabled"].metadata["hint"]
-FIXTURE_NAMES = ["tiny-eps-a.safetensors", "tiny-eps-b.safetensors", "tiny-v.safetensors"]
+FIXTURE_NAMES = sorted(f"{name}.safetensors" for name in pages._load_server_module().CHECKPOINTS)
 
 # Every control that the infotext carries, at a value that is not its default.
 NON_DEFAULT = {
