@@ -7,9 +7,11 @@ reloads it. The WebUI's ui-config makes 64x64, 4-step, seed-1234 images the page
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -140,6 +142,28 @@ def test_fused_generation_shows_the_image_and_its_masks(web):
     steps = 4  # the ui-config's default
     assert strip.size == (steps * 64 + (steps - 1) * 2, 64), strip.size  # a 64 px tile per step, 2 px gaps
     assert np.asarray(image).std() > 5
+
+
+def test_unload_button_frees_the_expert(web, ui_server):
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1, never a proxy
+
+    def status():
+        with direct.open(ui_server.url + "/magicfusion/v1/status", timeout=60) as r:
+            return json.load(r)
+
+    tab = "txt2img"
+    web.open()
+    web.set_enabled(tab, True)
+    web.choose_expert(tab, "tiny-eps-b")
+    web.generate(tab)
+    before = status()
+    assert before["expert_loaded"] and before["expert_bytes"] > 0, before
+    web.mf(tab, "unload_expert").click()
+    deadline = time.monotonic() + 30
+    while (after := status())["expert_loaded"] is not None:
+        assert time.monotonic() < deadline, f"the unload button left the expert loaded: {after}"
+        time.sleep(0.3)
+    assert after["expert_bytes"] == 0 and after["expert_loads"] == before["expert_loads"]
 
 
 @pytest.fixture(scope="module")
