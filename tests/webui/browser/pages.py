@@ -324,6 +324,7 @@ class WebUIPage:
     def generate(self, tab: str = "txt2img", expect_images: int = 1, timeout_ms: int = GEN_TIMEOUT_MS) -> str:
         """Click Generate and wait until the gallery holds `expect_images` new pictures (or an
         error shows); returns the infotext under the image."""
+        self.settle()  # a control's change handler still running could answer after the click
         before = self.gallery_urls(tab)
         self.page.locator(f"#{tab}_generate").click()
         try:
