@@ -232,7 +232,8 @@ class SNBFusion:
         weights = [_uniform_weight(p) for p in preds]
         if None not in weights:
             reference = torch.stack([p.uncond for p in preds]) if own else general.uncond
-            deltas = torch.stack([p.cond for p in preds]).to(dtype) - reference.to(dtype)
+            # The subtraction promotes the reference to `dtype` as it reads it: no separate cast.
+            deltas = torch.stack([p.cond for p in preds]).to(dtype) - reference
             factors = [abs(w * p.cfg_scale) for w, p in zip(weights, preds)]
         else:
             deltas = torch.stack([guidance_term(p, p.uncond if own else general.uncond) for p in preds])

@@ -69,6 +69,16 @@ def test_sdxl_img2img(webui):
     assert differs(fused, plain)
 
 
+def test_sdxl_hires_fix(webui):
+    """The hires pass encodes the expert's prompts at the upscaled size (SDXL's size vector)."""
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 4}
+    plain = pixels(webui, gen(webui, seed=37, **hires))
+    on = pixels(webui, gen(webui, seed=37, **hires, fused={"apply_in_hires": True}))
+    off = pixels(webui, gen(webui, seed=37, **hires, fused={"apply_in_hires": False}))
+    assert on.shape == (96, 96, 3)
+    assert differs(on, plain) and differs(on, off, threshold=0.5)
+
+
 @pytest.mark.parametrize(("main", "expert", "kinds"), [
     (MAIN, SD1, "the expert is an SD1 model and the main checkpoint an SDXL model"),
     (SD1, EXPERT, "the expert is an SDXL model and the main checkpoint an SD1 model"),
