@@ -90,3 +90,12 @@ def test_sd1_and_sdxl_are_refused_together(webui, main, expert, kinds):
     assert r.status_code == 422, r.text
     assert "MagicFusion expert_checkpoint" in r.text and kinds in r.text
     assert webui.txt2img(prompt=PROMPT, steps=4, seed=36, **webui.checkpoint(main))["images"]
+
+
+def test_the_builtin_refiner_is_refused_with_fusion_but_works_without(webui):
+    refiner = {"refiner_checkpoint": EXPERT, "refiner_switch_at": 0.5}
+    r = webui.post("/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 4, "seed": 38, **webui.checkpoint(MAIN), **refiner,
+                                         "alwayson_scripts": {"MagicFusion": {"args": [{"enabled": True, "expert_checkpoint": EXPERT}]}}})
+    assert r.status_code == 422, r.text
+    assert "MagicFusion enabled" in r.text and "refiner" in r.text
+    assert webui.txt2img(prompt=PROMPT, steps=4, seed=38, **webui.checkpoint(MAIN), **refiner)["images"]
