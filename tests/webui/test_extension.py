@@ -231,6 +231,30 @@ def test_a_lora_in_the_main_prompt_acts_on_the_expert_as_on_a_main_model(webui, 
     assert_webui_still_plain(webui, baseline)
 
 
+LONG = ", ".join(f"detail {i}" for i in range(60))  # about 180 tokens: three 75-token chunks
+SYNTAX = ["a lion", "(a lion:1.6), [crown]", "a lion BREAK a crown", "[a lion:a tiger:3]", f"a lion, {LONG}"]
+
+
+@pytest.mark.parametrize("expert", [EXPERT, MAIN])
+def test_expert_prompt_syntax_goes_through_the_webui_prompt_machinery(webui, baseline, expert):
+    """Weights, BREAK, prompt editing and long prompts in the expert prompt (and a long expert
+    negative prompt) mean what they mean in the main prompt: the expert run alone with
+    prompt X gives exactly the picture of that checkpoint as the main model with prompt X."""
+    pictures = []
+    for i, prompt in enumerate(SYNTAX):
+        negative = LONG if i == len(SYNTAX) - 1 else ""
+        as_main = pixels(webui, gen(webui, main=expert, seed=23, prompt=prompt, negative_prompt=negative))
+        alone = gen(webui, seed=23, prompt="a photo of a dog", fused={
+            "expert_checkpoint": expert, "expert_prompt": prompt, "expert_negative_prompt": negative,
+            "fusion_start": 1.0, "fusion_end": 1.0, "outside_window": "expert"})
+        assert np.array_equal(pixels(webui, alone), as_main), prompt
+        pictures.append(as_main)
+    assert all(not np.array_equal(pictures[0], other) for other in pictures[1:])  # the syntax does something
+    fused = gen(webui, seed=23, fused={"expert_checkpoint": expert, "expert_prompt": SYNTAX[-1], "expert_negative_prompt": LONG})
+    assert differs(pixels(webui, fused), pixels(webui, gen(webui, seed=23)), threshold=0.5)
+    assert_webui_still_plain(webui, baseline)
+
+
 def test_one_model_two_prompts_loads_nothing(webui, baseline):
     unload(webui)
     plain = pixels(webui, gen(webui, seed=18))
