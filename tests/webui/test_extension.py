@@ -255,6 +255,23 @@ def test_expert_prompt_syntax_goes_through_the_webui_prompt_machinery(webui, bas
     assert_webui_still_plain(webui, baseline)
 
 
+def test_an_embedding_in_the_expert_prompt(webui, baseline):
+    """A textual-inversion embedding in the expert prompt works as in the main prompt."""
+    import torch
+    from safetensors.torch import save_file
+    path = os.path.join(webui.server.data_dir, "embeddings", "mf-test-emb.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({"emb_params": torch.randn((2, 32), generator=torch.Generator().manual_seed(3)) * 2}, path)
+    assert webui.post("/sdapi/v1/refresh-embeddings", {}).status_code == 200
+    assert "mf-test-emb" in webui.get("/sdapi/v1/embeddings").json()["loaded"]
+    prompt = "a photo of mf-test-emb"
+    as_main = pixels(webui, gen(webui, main=EXPERT, seed=24, prompt=prompt))
+    assert differs(as_main, pixels(webui, gen(webui, main=EXPERT, seed=24, prompt="a photo of")), threshold=0.5)
+    alone = gen(webui, seed=24, fused={"expert_prompt": prompt, "fusion_start": 1.0, "fusion_end": 1.0, "outside_window": "expert"})
+    assert np.array_equal(pixels(webui, alone), as_main)
+    assert_webui_still_plain(webui, baseline)
+
+
 def test_one_model_two_prompts_loads_nothing(webui, baseline):
     unload(webui)
     plain = pixels(webui, gen(webui, seed=18))
