@@ -23,6 +23,12 @@ SLIDERS = {  # the UI's ranges; the API accepts the params model's wider ones
     "blur": (0, 16, 1),
 }
 MARKER = INFOTEXT_KEYS["expert_checkpoint"]
+ROWS = (  # the controls below the prompts, row by row
+    ("k_general", "k_expert", "expert_cfg_scale"),
+    ("fusion_start", "fusion_end", "outside_window"),
+    ("blur", "saliency_baseline", "expert_text_encoder"),
+    ("apply_in_hires", "show_mask"),
+)
 
 
 def checkpoint_titles() -> list[str]:
@@ -61,19 +67,10 @@ def build(tab: str):
             unload.click(fn=_unload_expert, inputs=[], outputs=[])
         for name in ("expert_prompt", "expert_negative_prompt"):
             comps[name] = control(name)
-        with FormRow():
-            for name in ("k_general", "k_expert", "expert_cfg_scale"):
-                comps[name] = control(name)
-        with FormRow():
-            for name in ("fusion_start", "fusion_end"):
-                comps[name] = control(name)
-            comps["outside_window"] = control("outside_window")
-        with FormRow():
-            for name in ("blur", "saliency_baseline", "expert_text_encoder"):
-                comps[name] = control(name)
-        with FormRow():
-            for name in ("apply_in_hires", "show_mask"):
-                comps[name] = control(name)
+        for row in ROWS:
+            with FormRow():
+                for name in row:
+                    comps[name] = control(name)
 
     missing = set(FIELD_NAMES) - set(comps)
     assert not missing, f"MagicFusion UI lacks controls for {missing}"

@@ -94,16 +94,9 @@ def webui():
         if REQUIRED:
             pytest.fail(f"MAGICFUSION_WEBUI_REQUIRED=1 but no WebUI install: {NOT_FOUND}", pytrace=False)
         pytest.skip(f"no A1111 WebUI install: {NOT_FOUND}")
-    srv = webui_server.WebUIServer(WEBUI_DIR, WEBUI_PYTHON, log=lambda m: sys.stderr.write(m + "\n"))
-    try:
-        srv.start()
-    except BaseException:
-        srv.stop()
-        raise
-    client = webui_server.WebUIClient(srv)
-    try:
-        yield client
-    finally:
-        _timings["startup (launch -> API)"] = srv.startup_s
-        _timings["launch -> first image"] = client.first_image_s
-        srv.stop()
+    with webui_server.running(WEBUI_DIR, WEBUI_PYTHON, log=lambda m: sys.stderr.write(m + "\n")) as client:
+        try:
+            yield client
+        finally:
+            _timings["startup (launch -> API)"] = client.server.startup_s
+            _timings["launch -> first image"] = client.first_image_s

@@ -501,6 +501,18 @@ class WebUIClient:
         return json.loads(resp["info"]) if isinstance(resp.get("info"), str) else resp.get("info", {})
 
 
+@contextlib.contextmanager
+def running(webui_dir: str, python: str, **kwargs):
+    """A started ``WebUIServer(webui_dir, python, **kwargs)``, as a ``WebUIClient``; the server
+    is stopped on exit, and also when it fails to start."""
+    srv = WebUIServer(webui_dir, python, **kwargs)
+    try:
+        srv.start()
+        yield WebUIClient(srv)
+    finally:
+        srv.stop()
+
+
 # --------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:

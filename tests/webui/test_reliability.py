@@ -571,17 +571,8 @@ def ui_webui():
     """A second WebUI with its Gradio UI (so "Reload UI" exists) and --api-auth user:pass."""
     server = sys.modules["magicfusion_webui_server"]  # loaded by conftest.py
     webui_dir, python = server.find_install()
-    srv = server.WebUIServer(webui_dir, python, ui=True, api_auth="user:pass", log=lambda m: sys.stderr.write(m + "\n"))
-    try:
-        srv.start()
-    except BaseException:
-        srv.stop()
-        raise
-    client = server.WebUIClient(srv)
-    try:
+    with server.running(webui_dir, python, ui=True, api_auth="user:pass", log=lambda m: sys.stderr.write(m + "\n")) as client:
         yield client
-    finally:
-        srv.stop()
 
 
 MF_ROUTES = [("GET", "/magicfusion/v1/version"), ("GET", "/magicfusion/v1/schema"), ("GET", "/magicfusion/v1/status"),

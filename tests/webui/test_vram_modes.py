@@ -33,16 +33,8 @@ def generate(client, main, expert, fields, seed):
 def vram_webui(request):
     server = sys.modules["magicfusion_webui_server"]  # loaded by conftest.py
     webui_dir, python = server.find_install()
-    srv = server.WebUIServer(webui_dir, python, extra_args=(request.param,), log=lambda m: sys.stderr.write(m + "\n"))
-    try:
-        srv.start()
-    except BaseException:
-        srv.stop()
-        raise
-    try:
-        yield server.WebUIClient(srv)
-    finally:
-        srv.stop()
+    with server.running(webui_dir, python, extra_args=(request.param,), log=lambda m: sys.stderr.write(m + "\n")) as client:
+        yield client
 
 
 def test_fused_pictures_equal_the_normal_mode(webui, vram_webui):
