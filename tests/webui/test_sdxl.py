@@ -22,8 +22,8 @@ def gen(webui, *, main=MAIN, fused=None, init=None, **payload):
     return webui.txt2img(**body) if init is None else webui.img2img(init, **body)
 
 
-def pixels(webui, resp):
-    return webui.decode(resp["images"][0]).astype(np.int16)
+def pixels(webui, resp, index=0):
+    return webui.decode(resp["images"][index]).astype(np.int16)
 
 
 def differs(a, b, threshold=2.0):
@@ -67,6 +67,16 @@ def test_sdxl_img2img(webui):
     plain = pixels(webui, gen(webui, init=init, denoising_strength=0.7, seed=35))
     fused = pixels(webui, gen(webui, init=init, denoising_strength=0.7, seed=35, fused={}))
     assert differs(fused, plain)
+
+
+def test_sdxl_batch(webui):
+    fused = gen(webui, seed=39, batch_size=2, fused={})
+    plain = gen(webui, seed=39, batch_size=2)
+    single = pixels(webui, gen(webui, seed=40, fused={}))  # image 1 of the batch has seed 39 + 1
+    assert len(fused["images"]) == 2
+    for i in range(2):
+        assert differs(pixels(webui, fused, i), pixels(webui, plain, i))
+    assert float(np.abs(pixels(webui, fused, 1) - single).mean()) < 1.0
 
 
 def test_sdxl_hires_fix(webui):
