@@ -14,6 +14,7 @@ a per-pixel choice, which is the same in either space for one x and sigma.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
@@ -48,21 +49,21 @@ class Prediction:
     def batch(self) -> int:
         return len(self.conds_list)
 
+    @functools.cached_property
+    def uniform_weight(self) -> Optional[float]:
+        """The common weight when image i's only cond row is row i (no AND-prompts), else None."""
+        weights = set()
+        for i, conds in enumerate(self.conds_list):
+            if len(conds) != 1 or conds[0][0] != i:
+                return None
+            weights.add(conds[0][1])
+        return weights.pop() if len(weights) == 1 and self.cond.shape[0] == len(self.conds_list) else None
+
     def reference_uncond(self) -> torch.Tensor:
         """The uncond the host combines with: the real one, or each image's first cond row."""
         if self.uncond is not None:
             return self.uncond
         return torch.stack([self.cond[conds[0][0]] for conds in self.conds_list])
-
-
-def _uniform_weight(pred: Prediction) -> Optional[float]:
-    """The common weight when image i's only cond row is row i (no AND-prompts), else None."""
-    weights = set()
-    for i, conds in enumerate(pred.conds_list):
-        if len(conds) != 1 or conds[0][0] != i:
-            return None
-        weights.add(conds[0][1])
-    return weights.pop() if len(weights) == 1 and pred.cond.shape[0] == len(pred.conds_list) else None
 
 
 def guided(pred: Prediction) -> torch.Tensor:
@@ -74,7 +75,7 @@ def guided(pred: Prediction) -> torch.Tensor:
     """
     uncond = pred.reference_uncond()
     scale = pred.cfg_scale if pred.uncond is not None else 1.0
-    weight = _uniform_weight(pred)
+    weight = pred.uniform_weight
     if weight is not None:
         return uncond + (pred.cond - uncond) * (weight * scale)
     out = torch.clone(uncond)
@@ -89,7 +90,7 @@ def guidance_term(pred: Prediction, reference: torch.Tensor) -> torch.Tensor:
     dtype = snb.compute_dtype(pred.cond.dtype)
     cond = pred.cond.to(dtype)
     reference = reference.to(dtype)
-    weight = _uniform_weight(pred)
+    weight = pred.uniform_weight
     if weight is not None:
         return (cond - reference) * (weight * pred.cfg_scale)
     out = torch.zeros_like(reference)
@@ -229,7 +230,7 @@ class SNBFusion:
         general = preds[0]
         dtype = snb.compute_dtype(general.cond.dtype)
         own = self.baseline == "own"
-        weights = [_uniform_weight(p) for p in preds]
+        weights = [p.uniform_weight for p in preds]
         if None not in weights:
             reference = torch.stack([p.uncond for p in preds]) if own else general.uncond
             # The subtraction promotes the reference to `dtype` as it reads it: no separate cast.
