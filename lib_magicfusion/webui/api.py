@@ -13,7 +13,7 @@ from modules import call_queue, script_callbacks, shared
 from .. import __version__
 from ..params import FusionParams
 from . import expert as experts
-from . import sampling
+from . import extension
 
 PREFIX = "/magicfusion/v1"
 
@@ -63,8 +63,7 @@ def status() -> dict:
 
 def unload() -> dict:
     with call_queue.queue_lock:
-        sampling.start(None)
-        freed = experts.cache.unload()
+        freed = extension.unload()
     return {"unloaded": freed, **status()}
 
 

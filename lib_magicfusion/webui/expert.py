@@ -27,7 +27,6 @@ class Expert:
     model: Any                 # the LatentDiffusion model
     info: Any                  # its CheckpointInfo
     is_main: bool              # the main checkpoint itself (one model, two prompts)
-    load_seconds: float = 0.0
 
     @property
     def title(self) -> str:
@@ -36,6 +35,11 @@ class Expert:
     @property
     def parameterization(self) -> str:
         return getattr(self.model, "parameterization", "eps")
+
+
+def checkpoint_titles() -> list[str]:
+    """The installed checkpoints' titles, as the expert picker and the XYZ axis list them."""
+    return sorted(sd_models.checkpoints_list, key=str.casefold)
 
 
 def resolve(name: str):
@@ -108,7 +112,6 @@ class ExpertCache:
             if self.expert is not None and self.expert.info.filename == info.filename:
                 return self.expert
             self.unload()
-            started = time.perf_counter()
             model = _load_beside_main(info)
             try:
                 check_compatible(main, model)
@@ -116,7 +119,7 @@ class ExpertCache:
                 del model
                 _collect()
                 raise
-            self.expert = Expert(model, info, is_main=False, load_seconds=time.perf_counter() - started)
+            self.expert = Expert(model, info, is_main=False)
             self.loads += 1
             return self.expert
 
@@ -202,4 +205,4 @@ def expert_memory_bytes(expert: Optional[Expert]) -> int:
 
 cache = ExpertCache()
 
-__all__ = ["Expert", "ExpertCache", "cache", "resolve", "check_compatible", "architecture", "expert_memory_bytes", "text_encoder_ready"]
+__all__ = ["Expert", "ExpertCache", "cache", "checkpoint_titles", "resolve", "check_compatible", "architecture", "expert_memory_bytes", "text_encoder_ready"]

@@ -67,8 +67,7 @@ def _prepare(run: sampling.Run, params: FusionParams) -> None:
     info = experts.resolve(params.expert_checkpoint)
     # An empty window with the general model outside it never needs the expert: not even loaded.
     if params.fusion_start < params.fusion_end or params.outside_window == "expert":
-        run.expert = experts.cache.get(info)
-        experts.check_compatible(shared.sd_model, run.expert.model)
+        run.expert = experts.cache.get(info)  # checked against the main model before each sampling pass
     run.params = params
     run.fusion = SNBFusion(
         ks=(params.k_general, params.k_expert), blur=params.blur, baseline=params.saliency_baseline,
@@ -156,7 +155,7 @@ def postprocess(p, processed) -> None:
             experts.cache.unload()
 
 
-def unload() -> None:
-    """Free the expert (script unload, "Reload UI", the unload route)."""
+def unload() -> bool:
+    """Free the expert (script unload, "Reload UI", the unload button and route); whether one was loaded."""
     sampling.start(None)
-    experts.cache.unload()
+    return experts.cache.unload()

@@ -64,7 +64,9 @@ def validate_entry(entry: Any) -> None:
         return  # no values: the script's defaults (disabled), as the WebUI documents
     if isinstance(args[0], dict) and len(args) != 1:
         raise MagicFusionError(f"the named form is exactly one object of named fields, got {len(args)} values", "args")
-    from . import expert, extension  # the script's own parse checks the positional form's length  # the WebUI's modules are importable once the app runs
+    # Imported here: the WebUI's modules are importable once the app runs. The script's own
+    # parse checks the positional form's length and every value.
+    from . import expert, extension
     params = extension.parse(_NoOverrides(), args)
     if params.enabled:
         expert.resolve(params.expert_checkpoint)

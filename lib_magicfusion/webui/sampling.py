@@ -139,7 +139,8 @@ def _checked(run: Run, evaluate):
         run.fail(MagicFusionError(f"the expert's forward pass failed: {type(e).__name__}: {e}", "expert_checkpoint", status_code=500))
         raise run.error from e
     tensors = [out] if isinstance(out, torch.Tensor) else [t for t in (out.cond, out.uncond) if t is not None]
-    if not all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in tensors):  # one reduction each: NaN or inf anywhere
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])  # NaN or inf anywhere shows in its tensor's sum
+    if not bool(torch.isfinite(sums).all()):  # one host sync for all of them
         run.fail(MagicFusionError("the expert produced NaN or infinite values (a corrupt or incompatible checkpoint?)",
                                   "expert_checkpoint", status_code=500))
         raise run.error
@@ -290,10 +291,7 @@ def _evaluate_expert(run: Run, call: Call) -> Prediction:
     i_rows = _rows(call.image_cond, call.expert_conds_list)
     n = x_rows.shape[0]
     tensor, uncond = call.expert_tensor, call.expert_uncond
-    if call.skip_uncond:
-        out = wrapper(x_rows, s_rows, cond=_condition(tensor, i_rows))
-        return Prediction(out, None, call.expert_conds_list, scale)
-    if call.shares_uncond:  # filled in from the main model's rows once they exist
+    if call.skip_uncond or call.shares_uncond:  # a shared uncond is filled in from the main rows once they exist
         out = wrapper(x_rows, s_rows, cond=_condition(tensor, i_rows))
         return Prediction(out, None, call.expert_conds_list, scale)
     if _token_len(tensor) == _token_len(uncond):
@@ -324,14 +322,12 @@ def _fuse_rows(run: Run, call: Call, x_out: torch.Tensor) -> None:
     denoiser, batch, rows = call.denoiser, call.batch, call.main_rows
     main_uncond = None if call.skip_uncond else x_out[-batch:]
     main = Prediction(x_out[:rows], main_uncond, call.conds_list, _main_scale(denoiser))
-    if call.mode == "alone":
-        expert = Prediction(x_out[:rows], main_uncond, call.expert_conds_list, _expert_scale(run, denoiser))
-        main = None
-    elif call.mode == "reuse":
-        expert = Prediction(x_out[:rows], main_uncond, call.expert_conds_list, _expert_scale(run, denoiser))
-    elif call.mode == "batched":
+    if call.mode in ("alone", "reuse", "batched"):  # the expert's rows are in x_out
+        first = rows if call.mode == "batched" else 0
         n = sum(len(parts) for parts in call.expert_conds_list)
-        expert = Prediction(x_out[rows:rows + n], main_uncond, call.expert_conds_list, _expert_scale(run, denoiser))
+        expert = Prediction(x_out[first:first + n], main_uncond, call.expert_conds_list, _expert_scale(run, denoiser))
+        if call.mode == "alone":
+            main = None
     else:
         expert = call.expert_pred
         if expert is None:
@@ -347,10 +343,9 @@ def _fuse_rows(run: Run, call: Call, x_out: torch.Tensor) -> None:
         e_uncond = expert.reference_uncond().to(fused.dtype)
         run.cfg_pp_uncond = e_uncond.clone() if result.mask is None else blend([main.reference_uncond(), e_uncond], result.mask)
         run.cfg_pp_denoiser = denoiser
-    # Every row of image i becomes its fused prediction: u + w*s*(F - F) == F exactly.
-    for i, parts in enumerate(call.conds_list):
-        for row, _ in parts:
-            x_out[row] = fused[i]
+    # Every row of image i becomes its fused prediction: u + w*s*(F - F) == F exactly. The
+    # cond rows are laid out as the WebUI built x_in: image by image, its rows together.
+    x_out[:rows] = _rows(fused, call.conds_list)
     x_out[-batch:] = fused
 
 

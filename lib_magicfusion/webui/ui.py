@@ -13,6 +13,7 @@ from modules.ui_common import create_refresh_button
 from modules.ui_components import FormRow, InputAccordion, ToolButton
 
 from ..params import FIELD_NAMES, FIELDS, INFOTEXT_KEYS, UNLOAD_SYMBOL, MagicFusionError, parse_infotext_value
+from .expert import checkpoint_titles
 
 SLIDERS = {  # the UI's ranges; the API accepts the params model's wider ones
     "k_general": (0.0, 10.0, 0.05),
@@ -29,10 +30,6 @@ ROWS = (  # the controls below the prompts, row by row
     ("blur", "saliency_baseline", "expert_text_encoder"),
     ("apply_in_hires", "show_mask"),
 )
-
-
-def checkpoint_titles() -> list[str]:
-    return sorted(sd_models.checkpoints_list, key=str.casefold)
 
 
 def build(tab: str):

@@ -3,9 +3,10 @@ script args across its cells; `extension.parse` reads them back."""
 
 from __future__ import annotations
 
-from modules import scripts, sd_models
+from modules import scripts
 
 from ..params import FIELDS
+from .expert import checkpoint_titles
 from .extension import XYZ_PREFIX
 
 LABEL = "[MagicFusion] "
@@ -33,7 +34,7 @@ def register() -> None:
         if f.name == "expert_checkpoint":
             axis = xyz.AxisOption(label, str, xyz.apply_field(XYZ_PREFIX + f.name), format_value=xyz.format_remove_path,
                                   confirm=xyz.confirm_checkpoints, cost=1.0,
-                                  choices=lambda: sorted(sd_models.checkpoints_list, key=str.casefold))
+                                  choices=checkpoint_titles)
         else:
             kind = {"float": float, "int": int, "str": str}[f.metadata["kind"]]
             axis = xyz.AxisOption(label, kind, xyz.apply_field(XYZ_PREFIX + f.name))
