@@ -26,6 +26,37 @@ SD15_UNET_CONFIG = dict(  # noqa: C408
 )
 
 
+class Proc:
+    """A process's memory and CPU time from /proc (Linux); pid "self" is this process."""
+
+    def __init__(self, pid: int | str = "self"):
+        self.pid = pid
+
+    def status(self, key: str) -> int:
+        """A /proc/PID/status size field (VmRSS, VmHWM...) in bytes; 0 if absent."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the whole process (all threads): less sensitive than wall time
+        to other jobs on a shared machine."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def reset_peak(self) -> bool:
+        """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -37,21 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C
 
 
-def vm_hwm_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def vm_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+SELF = C.Proc()
 
 
 class Bench:
@@ -183,7 +169,7 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        vm_hwm_reset()
+        SELF.reset_peak()
     t0 = time.perf_counter()
     bench.main = C.make_sd15_unet(torch, 1, device=device, dtype=dtype)
     unet_bytes = C.weight_bytes(bench.main)
@@ -198,10 +184,10 @@ def main(argv=None) -> int:
             fn()
             torch.cuda.synchronize(device)
             return {"resident_before": base, "peak": torch.cuda.max_memory_allocated(device)}
-        base = vm_status("VmRSS")
-        reset = vm_hwm_reset()
+        base = SELF.status("VmRSS")
+        reset = SELF.reset_peak()
         fn()
-        return {"resident_before": base, "peak": vm_status("VmHWM") if reset else None}
+        return {"resident_before": base, "peak": SELF.status("VmHWM") if reset else None}
 
     with torch.no_grad():
         bench.generate("plain")  # warm-up (kernels, allocator)

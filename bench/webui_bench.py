@@ -59,39 +59,10 @@ def bench_fixtures(webui_dir: str, python: str) -> str:
     return out
 
 
-# --------------------------------------------------------------------------- process memory
-
-class Proc:
-    def __init__(self, pid: int):
-        self.pid = pid
-
-    def status(self, key: str) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the whole WebUI process (all threads): less sensitive than wall time
-        to other jobs on a shared machine."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def reset_peak(self) -> bool:
-        try:
-            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            return True
-        except OSError:
-            return False
-
-
 # --------------------------------------------------------------------------- generation
 
 class Bench:
-    def __init__(self, client: S.WebUIClient, proc: Proc, steps: int):
+    def __init__(self, client: S.WebUIClient, proc: C.Proc, steps: int):
         self.c, self.proc, self.steps = client, proc, steps
         self.log = []
 
@@ -277,7 +248,7 @@ def main(argv=None) -> int:
     try:
         srv.start()
         client = S.WebUIClient(srv, timeout=1800)
-        proc = Proc(srv.proc.pid)
+        proc = C.Proc(srv.proc.pid)
         b = Bench(client, proc, steps)
         result["startup_s"] = srv.startup_s
         t = b.gen(small, "plain")  # waits for the main model's load
