@@ -488,6 +488,29 @@ class WebUIClient:
         with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
+    def pixels(self, resp: dict[str, Any], index: int = 0):
+        """Image `index` of a generation's response as an int16 HxWx3 array (safe to subtract)."""
+        import numpy as np
+        return self.decode(resp["images"][index]).astype(np.int16)
+
+    @staticmethod
+    def differs(a, b, threshold: float = 2.0) -> bool:
+        """Whether two pictures differ by more than `threshold` grey levels on average."""
+        import numpy as np
+        return float(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean()) > threshold
+
+    def mf_status(self) -> dict[str, Any]:
+        """GET /magicfusion/v1/status."""
+        r = self.get("/magicfusion/v1/status")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def mf_unload(self) -> dict[str, Any]:
+        """POST /magicfusion/v1/unload."""
+        r = self.post("/magicfusion/v1/unload", {})
+        assert r.status_code == 200, r.text
+        return r.json()
+
     @staticmethod
     def encode_png(arr) -> str:
         import numpy as np

@@ -26,32 +26,14 @@ def gen(webui, *, main=MAIN, fused=None, **payload):
     return webui.txt2img(**body)
 
 
-def pixels(webui, resp, index=0):
-    return webui.decode(resp["images"][index]).astype(np.int16)
-
-
-def status(webui):
-    return webui.get("/magicfusion/v1/status").json()
-
-
-def unload(webui):
-    r = webui.post("/magicfusion/v1/unload", {})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def differs(a, b, threshold=2.0):
-    return float(np.abs(a - b).mean()) > threshold
-
-
 @pytest.fixture(scope="module")
 def baseline(webui):
     """A plain generation made before any fusion: every later plain one must equal it."""
-    return pixels(webui, gen(webui, sampler_name="Euler a", seed=77))
+    return webui.pixels(gen(webui, sampler_name="Euler a", seed=77))
 
 
 def assert_webui_still_plain(webui, baseline):
-    assert np.array_equal(pixels(webui, gen(webui, sampler_name="Euler a", seed=77)), baseline)
+    assert np.array_equal(webui.pixels(gen(webui, sampler_name="Euler a", seed=77)), baseline)
 
 
 def test_script_and_routes(webui):
@@ -67,31 +49,31 @@ def test_script_and_routes(webui):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_expert_is_main_with_the_same_prompt_changes_nothing(webui, baseline, sampler):
-    plain = pixels(webui, gen(webui, sampler_name=sampler, seed=5))
-    fused = pixels(webui, gen(webui, sampler_name=sampler, seed=5, fused={"expert_checkpoint": MAIN}))
+    plain = webui.pixels(gen(webui, sampler_name=sampler, seed=5))
+    fused = webui.pixels(gen(webui, sampler_name=sampler, seed=5, fused={"expert_checkpoint": MAIN}))
     assert np.array_equal(plain, fused)
-    assert status(webui)["expert_bytes"] == 0 or status(webui)["expert_loaded"] != MAIN
+    assert webui.mf_status()["expert_bytes"] == 0 or webui.mf_status()["expert_loaded"] != MAIN
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_empty_window_changes_nothing_and_loads_no_expert(webui, sampler):
-    unload(webui)
-    plain = pixels(webui, gen(webui, sampler_name=sampler, seed=6))
+    webui.mf_unload()
+    plain = webui.pixels(gen(webui, sampler_name=sampler, seed=6))
     resp = gen(webui, sampler_name=sampler, seed=6, fused={"fusion_start": 0.5, "fusion_end": 0.5})
-    assert np.array_equal(plain, pixels(webui, resp))
-    assert status(webui)["expert_loaded"] is None
+    assert np.array_equal(plain, webui.pixels(resp))
+    assert webui.mf_status()["expert_loaded"] is None
     assert "MagicFusion expert: tiny-eps-b" in webui.info(resp)["infotexts"][0]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_different_expert_fuses_reproducibly_with_infotext(webui, baseline, sampler):
-    plain = pixels(webui, gen(webui, sampler_name=sampler, seed=7))
-    expert_alone = pixels(webui, gen(webui, main=EXPERT, sampler_name=sampler, seed=7))
+    plain = webui.pixels(gen(webui, sampler_name=sampler, seed=7))
+    expert_alone = webui.pixels(gen(webui, main=EXPERT, sampler_name=sampler, seed=7))
     first = gen(webui, sampler_name=sampler, seed=7, fused={"k_expert": 1.5})
     second = gen(webui, sampler_name=sampler, seed=7, fused={"k_expert": 1.5})
-    a, b = pixels(webui, first), pixels(webui, second)
+    a, b = webui.pixels(first), webui.pixels(second)
     assert np.array_equal(a, b)
-    assert differs(a, plain) and differs(a, expert_alone)
+    assert webui.differs(a, plain) and webui.differs(a, expert_alone)
     text = webui.info(first)["infotexts"][0]
     assert "MagicFusion expert: tiny-eps-b" in text and "MagicFusion k expert: 1.5" in text
     assert "MagicFusion expert hash: " in text
@@ -106,7 +88,7 @@ def test_infotext_round_trip_reproduces_the_pixels(webui):
     body = {"prompt": PROMPT, "steps": 6, "sampler_name": "DPM++ 2M", "seed": 8, **webui.checkpoint(MAIN),
             "alwayson_scripts": {"MagicFusion": {"args": [{"infotext": text}]}}}
     again = webui.txt2img(**body)
-    assert np.array_equal(pixels(webui, first), pixels(webui, again))
+    assert np.array_equal(webui.pixels(first), webui.pixels(again))
     assert webui.info(again)["infotexts"][0] == text
 
 
@@ -114,10 +96,10 @@ def test_positional_args_as_the_ui_sends_them(webui):
     info = webui.get("/sdapi/v1/script-info").json()
     args = [a["value"] for a in next(s for s in info if s["name"] == "magicfusion" and not s["is_img2img"])["args"]]
     args[0], args[1], args[5] = True, EXPERT, 1.5  # enabled, expert_checkpoint, k_expert
-    named = pixels(webui, gen(webui, seed=9, fused={"k_expert": 1.5}))
+    named = webui.pixels(gen(webui, seed=9, fused={"k_expert": 1.5}))
     resp = webui.txt2img(prompt=PROMPT, steps=6, seed=9, **webui.checkpoint(MAIN),
                          alwayson_scripts={"MagicFusion": {"args": args}})
-    assert np.array_equal(named, pixels(webui, resp))
+    assert np.array_equal(named, webui.pixels(resp))
 
 
 def test_batch_size_and_count(webui, baseline):
@@ -127,33 +109,33 @@ def test_batch_size_and_count(webui, baseline):
     single = gen(webui, seed=11, fused={})  # image 1 of batch 1 has seed 10 + 1
     assert len(fused["images"]) == len(plain["images"]) == 4  # the API sends no grid
     for i in range(4):
-        a = pixels(webui, fused, i)
-        assert np.array_equal(a, pixels(webui, again, i))
-        assert differs(a, pixels(webui, plain, i))
+        a = webui.pixels(fused, i)
+        assert np.array_equal(a, webui.pixels(again, i))
+        assert webui.differs(a, webui.pixels(plain, i))
     # Each image's mask depends on that image only: batching changes only float rounding.
-    assert float(np.abs(pixels(webui, fused, 1) - pixels(webui, single)).mean()) < 1.0
+    assert float(np.abs(webui.pixels(fused, 1) - webui.pixels(single)).mean()) < 1.0
     infos = webui.info(fused)["infotexts"]
     assert all("MagicFusion expert: tiny-eps-b" in t for t in infos)
     assert_webui_still_plain(webui, baseline)
 
 
 def test_img2img_and_inpainting_with_a_normal_model(webui, baseline):
-    init = pixels(webui, gen(webui, seed=12)).astype(np.uint8)
+    init = webui.pixels(gen(webui, seed=12)).astype(np.uint8)
     body = {"prompt": PROMPT, "steps": 8, "seed": 13, "denoising_strength": 0.7, **webui.checkpoint(MAIN)}
-    plain = pixels(webui, webui.img2img(init, **body))
-    fused = pixels(webui, webui.img2img(init, **body, **fusion()))
-    again = pixels(webui, webui.img2img(init, **body, **fusion()))
+    plain = webui.pixels(webui.img2img(init, **body))
+    fused = webui.pixels(webui.img2img(init, **body, **fusion()))
+    again = webui.pixels(webui.img2img(init, **body, **fusion()))
     assert np.abs(fused - again).max() <= 1  # the WebUI's VAE encode draws unseeded noise
-    assert differs(fused, plain)
+    assert webui.differs(fused, plain)
     mask = np.zeros((64, 64, 3), np.uint8)
     mask[16:48, 16:48] = 255
     inpaint = {**body, "mask": webui.encode_png(mask), "inpainting_fill": 1, "inpaint_full_res": False}
-    plain_inpaint = pixels(webui, webui.img2img(init, **inpaint))
-    fused_inpaint = pixels(webui, webui.img2img(init, **inpaint, **fusion()))
+    plain_inpaint = webui.pixels(webui.img2img(init, **inpaint))
+    fused_inpaint = webui.pixels(webui.img2img(init, **inpaint, **fusion()))
     outside = np.ones((64, 64), bool)
     outside[8:56, 8:56] = False
     assert np.abs(fused_inpaint[outside] - plain_inpaint[outside]).mean() < 3  # the unmasked area is kept
-    assert differs(fused_inpaint[24:40, 24:40], plain_inpaint[24:40, 24:40])
+    assert webui.differs(fused_inpaint[24:40, 24:40], plain_inpaint[24:40, 24:40])
     assert_webui_still_plain(webui, baseline)
 
 
@@ -162,9 +144,9 @@ def test_hires_fix(webui, baseline, apply_in_hires):
     hires = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 4}
     plain = gen(webui, seed=14, **hires)
     fused = gen(webui, seed=14, **hires, fused={"apply_in_hires": apply_in_hires})
-    a = pixels(webui, fused)
+    a = webui.pixels(fused)
     assert a.shape == (128, 128, 3)
-    assert differs(a, pixels(webui, plain))
+    assert webui.differs(a, webui.pixels(plain))
     text = webui.info(fused)["infotexts"][0]
     assert ("MagicFusion hires: False" in text) is (not apply_in_hires)
     assert_webui_still_plain(webui, baseline)
@@ -172,25 +154,25 @@ def test_hires_fix(webui, baseline, apply_in_hires):
 
 def test_hires_pass_fusion_matters(webui):
     hires = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 4}
-    on = pixels(webui, gen(webui, seed=15, **hires, fused={"apply_in_hires": True}))
-    off = pixels(webui, gen(webui, seed=15, **hires, fused={"apply_in_hires": False}))
-    assert differs(on, off, threshold=0.5)
+    on = webui.pixels(gen(webui, seed=15, **hires, fused={"apply_in_hires": True}))
+    off = webui.pixels(gen(webui, seed=15, **hires, fused={"apply_in_hires": False}))
+    assert webui.differs(on, off, threshold=0.5)
 
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DDIM"])
 def test_v_prediction_expert_with_an_eps_main_model(webui, baseline, sampler):
-    plain = pixels(webui, gen(webui, sampler_name=sampler, seed=16))
-    fused = pixels(webui, gen(webui, sampler_name=sampler, seed=16, fused={"expert_checkpoint": V_EXPERT}))
-    assert differs(fused, plain)
+    plain = webui.pixels(gen(webui, sampler_name=sampler, seed=16))
+    fused = webui.pixels(gen(webui, sampler_name=sampler, seed=16, fused={"expert_checkpoint": V_EXPERT}))
+    assert webui.differs(fused, plain)
     assert fused.std() > 10  # a picture, not NaNs decoded to black
-    assert status(webui)["expert_loaded"].startswith(V_EXPERT)
+    assert webui.mf_status()["expert_loaded"].startswith(V_EXPERT)
     assert_webui_still_plain(webui, baseline)
 
 
 def test_outside_window_expert_alone_equals_the_expert_model_alone(webui):
-    expert_plain = pixels(webui, gen(webui, main=EXPERT, seed=17, sampler_name="Euler a"))
+    expert_plain = webui.pixels(gen(webui, main=EXPERT, seed=17, sampler_name="Euler a"))
     resp = gen(webui, seed=17, sampler_name="Euler a", fused={"fusion_start": 1.0, "fusion_end": 1.0, "outside_window": "expert"})
-    assert np.array_equal(pixels(webui, resp), expert_plain)
+    assert np.array_equal(webui.pixels(resp), expert_plain)
 
 
 def write_lora(path, seed=0):
@@ -218,16 +200,16 @@ def test_a_lora_in_the_main_prompt_acts_on_the_expert_as_on_a_main_model(webui, 
     write_lora(os.path.join(webui.server.data_dir, "models", "Lora", "mf-test-lora.safetensors"))
     assert webui.post("/sdapi/v1/refresh-loras", {}).status_code == 200
     with_lora = f"{PROMPT} <lora:mf-test-lora:1>"
-    expert_plain = pixels(webui, gen(webui, main=EXPERT, seed=21))
-    expert_lora = pixels(webui, gen(webui, main=EXPERT, seed=21, prompt=with_lora))
-    assert differs(expert_lora, expert_plain)  # the LoRA is found and does something
+    expert_plain = webui.pixels(gen(webui, main=EXPERT, seed=21))
+    expert_lora = webui.pixels(gen(webui, main=EXPERT, seed=21, prompt=with_lora))
+    assert webui.differs(expert_lora, expert_plain)  # the LoRA is found and does something
     alone = gen(webui, seed=21, prompt=with_lora, fused={"fusion_start": 1.0, "fusion_end": 1.0, "outside_window": "expert"})
-    assert np.array_equal(pixels(webui, alone), expert_lora)
-    tagged = pixels(webui, gen(webui, seed=22, fused={"expert_prompt": "a lion <lora:mf-test-lora:1>"}))
-    untagged = pixels(webui, gen(webui, seed=22, fused={"expert_prompt": "a lion"}))
+    assert np.array_equal(webui.pixels(alone), expert_lora)
+    tagged = webui.pixels(gen(webui, seed=22, fused={"expert_prompt": "a lion <lora:mf-test-lora:1>"}))
+    untagged = webui.pixels(gen(webui, seed=22, fused={"expert_prompt": "a lion"}))
     assert np.array_equal(tagged, untagged)
     alone_plain = gen(webui, seed=21, fused={"fusion_start": 1.0, "fusion_end": 1.0, "outside_window": "expert"})
-    assert np.array_equal(pixels(webui, alone_plain), expert_plain)  # without the tag, the LoRA has left the expert
+    assert np.array_equal(webui.pixels(alone_plain), expert_plain)  # without the tag, the LoRA has left the expert
     assert_webui_still_plain(webui, baseline)
 
 
@@ -243,15 +225,15 @@ def test_expert_prompt_syntax_goes_through_the_webui_prompt_machinery(webui, bas
     pictures = []
     for i, prompt in enumerate(SYNTAX):
         negative = LONG if i == len(SYNTAX) - 1 else ""
-        as_main = pixels(webui, gen(webui, main=expert, seed=23, prompt=prompt, negative_prompt=negative))
+        as_main = webui.pixels(gen(webui, main=expert, seed=23, prompt=prompt, negative_prompt=negative))
         alone = gen(webui, seed=23, prompt="a photo of a dog", fused={
             "expert_checkpoint": expert, "expert_prompt": prompt, "expert_negative_prompt": negative,
             "fusion_start": 1.0, "fusion_end": 1.0, "outside_window": "expert"})
-        assert np.array_equal(pixels(webui, alone), as_main), prompt
+        assert np.array_equal(webui.pixels(alone), as_main), prompt
         pictures.append(as_main)
     assert all(not np.array_equal(pictures[0], other) for other in pictures[1:])  # the syntax does something
     fused = gen(webui, seed=23, fused={"expert_checkpoint": expert, "expert_prompt": SYNTAX[-1], "expert_negative_prompt": LONG})
-    assert differs(pixels(webui, fused), pixels(webui, gen(webui, seed=23)), threshold=0.5)
+    assert webui.differs(webui.pixels(fused), webui.pixels(gen(webui, seed=23)), threshold=0.5)
     assert_webui_still_plain(webui, baseline)
 
 
@@ -265,19 +247,19 @@ def test_an_embedding_in_the_expert_prompt(webui, baseline):
     assert webui.post("/sdapi/v1/refresh-embeddings", {}).status_code == 200
     assert "mf-test-emb" in webui.get("/sdapi/v1/embeddings").json()["loaded"]
     prompt = "a photo of mf-test-emb"
-    as_main = pixels(webui, gen(webui, main=EXPERT, seed=24, prompt=prompt))
-    assert differs(as_main, pixels(webui, gen(webui, main=EXPERT, seed=24, prompt="a photo of")), threshold=0.5)
+    as_main = webui.pixels(gen(webui, main=EXPERT, seed=24, prompt=prompt))
+    assert webui.differs(as_main, webui.pixels(gen(webui, main=EXPERT, seed=24, prompt="a photo of")), threshold=0.5)
     alone = gen(webui, seed=24, fused={"expert_prompt": prompt, "fusion_start": 1.0, "fusion_end": 1.0, "outside_window": "expert"})
-    assert np.array_equal(pixels(webui, alone), as_main)
+    assert np.array_equal(webui.pixels(alone), as_main)
     assert_webui_still_plain(webui, baseline)
 
 
 def test_one_model_two_prompts_loads_nothing(webui, baseline):
-    unload(webui)
-    plain = pixels(webui, gen(webui, seed=18))
+    webui.mf_unload()
+    plain = webui.pixels(gen(webui, seed=18))
     fused = gen(webui, seed=18, fused={"expert_checkpoint": MAIN, "expert_prompt": "a watercolor painting of a lion"})
-    assert differs(pixels(webui, fused), plain, threshold=0.5)
-    s = status(webui)
+    assert webui.differs(webui.pixels(fused), plain, threshold=0.5)
+    s = webui.mf_status()
     assert s["expert_loaded"] is None and s["expert_bytes"] == 0
     assert_webui_still_plain(webui, baseline)
 
@@ -287,11 +269,11 @@ def test_and_prompts_and_skipped_uncond_steps(webui, baseline):
                 "override_settings_restore_afterwards": True}
     body = {"prompt": "a cat AND a dog:0.6", "steps": 8, "seed": 19, "sampler_name": "Euler a", **settings}
     try:
-        plain = pixels(webui, webui.txt2img(**body))
-        fused = pixels(webui, webui.txt2img(**body, **fusion(expert_prompt="a lion AND a crown:0.8 AND a throne:0.3")))
+        plain = webui.pixels(webui.txt2img(**body))
+        fused = webui.pixels(webui.txt2img(**body, **fusion(expert_prompt="a lion AND a crown:0.8 AND a throne:0.3")))
     finally:  # the WebUI restores only overridden options that were ever saved
         webui.post("/sdapi/v1/options", {"skip_early_cond": 0.0, "s_min_uncond": 0.0})
-    assert differs(fused, plain) and fused.std() > 10
+    assert webui.differs(fused, plain) and fused.std() > 10
     assert_webui_still_plain(webui, baseline)
 
 
@@ -323,10 +305,10 @@ def test_bad_args_fail_loudly_and_leave_the_webui_healthy(webui, baseline, field
 
 @pytest.mark.parametrize("sampler", ["Euler", "Heun", "DPM++ SDE", "DPM2", "LMS", "Restart", "DDIM CFG++", "PLMS", "UniPC"])
 def test_every_sampler_family(webui, baseline, sampler):
-    plain = pixels(webui, gen(webui, sampler_name=sampler, seed=21, steps=5))
-    same = pixels(webui, gen(webui, sampler_name=sampler, seed=21, steps=5, fused={"expert_checkpoint": MAIN}))
+    plain = webui.pixels(gen(webui, sampler_name=sampler, seed=21, steps=5))
+    same = webui.pixels(gen(webui, sampler_name=sampler, seed=21, steps=5, fused={"expert_checkpoint": MAIN}))
     assert np.array_equal(plain, same)
-    fused = pixels(webui, gen(webui, sampler_name=sampler, seed=21, steps=5, fused={}))
-    again = pixels(webui, gen(webui, sampler_name=sampler, seed=21, steps=5, fused={}))
-    assert np.array_equal(fused, again) and differs(fused, plain, threshold=0.5) and fused.std() > 10
+    fused = webui.pixels(gen(webui, sampler_name=sampler, seed=21, steps=5, fused={}))
+    again = webui.pixels(gen(webui, sampler_name=sampler, seed=21, steps=5, fused={}))
+    assert np.array_equal(fused, again) and webui.differs(fused, plain, threshold=0.5) and fused.std() > 10
     assert_webui_still_plain(webui, baseline)

@@ -55,7 +55,7 @@ def body(webui, fused=None, *, seed=77, steps=3, **extra):
 
 
 def generate(webui, fused=None, **kw):
-    return webui.decode(webui.txt2img(**body(webui, fused, **kw))["images"][0]).astype(np.int16)
+    return webui.pixels(webui.txt2img(**body(webui, fused, **kw)))
 
 
 def post_raw(webui, path, payload, **kw):
@@ -79,18 +79,6 @@ def assert_refused(r, field, what=""):
     errors = r.json()["errors"]
     assert f"MagicFusion {field}:" in errors, f"{what}: {errors!r} does not name MagicFusion {field}"
     EVERY_FAILURE.append((what, r.status_code))
-
-
-def status(webui):
-    r = webui.get("/magicfusion/v1/status")
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def unload(webui):
-    r = webui.post("/magicfusion/v1/unload", {})
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def rss_bytes(pid: int) -> int:
@@ -129,11 +117,11 @@ INIT_PNG = _png64()
 @pytest.fixture(scope="module")
 def refs(webui):
     """A plain and a fused generation made before anything in this file disturbs the WebUI."""
-    unload(webui)
+    webui.mf_unload()
     plain = generate(webui)
     fused = generate(webui, {"k_expert": 1.5})
     assert float(np.abs(plain - fused).mean()) > 1.0  # the fused reference really is fused
-    s = status(webui)
+    s = webui.mf_status()
     assert s["expert_loaded"].startswith(EXPERT) and s["expert_bytes"] > 0
     return {"plain": plain, "fused": fused, "expert_bytes": s["expert_bytes"]}
 
@@ -142,7 +130,7 @@ def assert_recovered(webui, refs, what=""):
     """The next plain and fused generations equal the ones made before; one expert, of the right size."""
     assert np.array_equal(generate(webui), refs["plain"]), f"{what}: the plain generation changed"
     assert np.array_equal(generate(webui, {"k_expert": 1.5}), refs["fused"]), f"{what}: the fused generation changed"
-    s = status(webui)
+    s = webui.mf_status()
     assert s["expert_loaded"].startswith(EXPERT) and s["expert_bytes"] == refs["expert_bytes"], f"{what}: {s}"
     assert all(n == 1 for n in s["callbacks"].values()), f"{what}: callbacks registered twice: {s['callbacks']}"
 
@@ -305,9 +293,9 @@ def test_valid_payloads_pass_the_guard_unchanged(webui, refs):
 
 
 def test_the_webui_is_unharmed_by_the_bad_requests(webui, refs):
-    before = status(webui)["expert_loads"]
+    before = webui.mf_status()["expert_loads"]
     assert_recovered(webui, refs, "after the malformed payloads")
-    assert status(webui)["expert_loads"] == before  # no bad request loaded (or dropped) anything
+    assert webui.mf_status()["expert_loads"] == before  # no bad request loaded (or dropped) anything
 
 
 # --------------------------------------------------------------------------- bad expert checkpoints
@@ -413,19 +401,19 @@ def test_broken_expert_fails_clearly_and_the_main_model_is_intact(webui, refs, b
     assert not os.path.exists(bad_checkpoints["sentinel"]), "a pickle in a checkpoint ran code"
     assert_recovered(webui, refs, f"after expert {name}")
     # The broken expert is not kept in memory beside the good one (the cache holds one).
-    s = status(webui)
+    s = webui.mf_status()
     assert s["expert_bytes"] == refs["expert_bytes"]
 
 
 def test_a_broken_expert_that_loaded_is_reused_not_reloaded(webui, refs, bad_checkpoints):
-    loads = status(webui)["expert_loads"]
+    loads = webui.mf_status()["expert_loads"]
     for _ in range(2):
         r = post_raw(webui, "/sdapi/v1/txt2img", body(webui, {"expert_checkpoint": "mf-wide-context"}))
         assert r.status_code == 500 and "MagicFusion expert_checkpoint:" in r.json()["errors"]
         EVERY_FAILURE.append(("expert mf-wide-context again", r.status_code))
-    assert status(webui)["expert_loads"] == loads + 1
-    unload(webui)
-    s = status(webui)
+    assert webui.mf_status()["expert_loads"] == loads + 1
+    webui.mf_unload()
+    s = webui.mf_status()
     assert s["expert_loaded"] is None and s["expert_bytes"] == 0
     assert_recovered(webui, refs, "after unloading the broken expert")
 
@@ -473,7 +461,7 @@ def _wait_for_step(webui, t, at_least, timeout=120):
 def test_interrupt_and_skip_mid_fusion(webui, refs, action):
     steps = 48
     payload = body(webui, {"k_expert": 1.5}, steps=steps, seed=5, n_iter=2 if action == "skip" else 1)
-    loads = status(webui)["expert_loads"]
+    loads = webui.mf_status()["expert_loads"]
     t, out = _run_in_thread(webui, payload)
     state = _wait_for_step(webui, t, 2)
     r = webui.post(f"/sdapi/v1/{action}", {})
@@ -489,7 +477,7 @@ def test_interrupt_and_skip_mid_fusion(webui, refs, action):
         fresh = generate(webui, {"k_expert": 1.5}, steps=steps, seed=6)
         assert np.array_equal(second, fresh)
     assert_recovered(webui, refs, f"after {action}")
-    assert status(webui)["expert_loads"] == loads  # the expert was reused, not reloaded or dropped
+    assert webui.mf_status()["expert_loads"] == loads  # the expert was reused, not reloaded or dropped
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -553,14 +541,14 @@ def test_soak_alternating_plain_fused_bad(webui, refs):
     rss_end = rss_bytes(pid)
     seconds = time.monotonic() - t0
     drift = (rss_end - rss_after_20) / rss_after_20
-    s = status(webui)
+    s = webui.mf_status()
     print(f"\n[soak] {total} requests ({counts}) in {seconds:.1f} s; unexpected answers: {len(unexpected)}; "
           f"VmRSS after 20: {rss_after_20 / 2**20:.1f} MiB, at the end: {rss_end / 2**20:.1f} MiB, drift {drift * 100:+.2f} %; "
           f"expert loads {s['expert_loads']}, expert bytes {s['expert_bytes']}")
     assert not unexpected, unexpected[:5]
     assert abs(drift) <= 0.05, f"memory drift {drift * 100:.2f} %"
     assert s["expert_bytes"] > 0 and all(n == 1 for n in s["callbacks"].values())
-    unload(webui)
+    webui.mf_unload()
     assert_recovered(webui, refs, "after the soak")
 
 
@@ -635,19 +623,19 @@ def test_reload_ui_twice_keeps_one_set_of_hooks_and_one_expert(ui_webui):
         return generate(ui_webui, {"k_expert": 1.5})
 
     plain_before, fused_before = generate(ui_webui), fused()
-    s = status(ui_webui)
+    s = ui_webui.mf_status()
     bytes_before, loads = s["expert_bytes"], s["expert_loads"]
     assert s["callbacks"] and all(n == 1 for n in s["callbacks"].values()), s["callbacks"]
     for n in (1, 2):
         _reload_ui(ui_webui)
-        s = status(ui_webui)
+        s = ui_webui.mf_status()
         assert s["expert_loaded"] is None and s["expert_bytes"] == 0, f"reload {n}: the expert was not freed: {s}"
         assert all(c == 1 for c in s["callbacks"].values()), f"reload {n}: {s['callbacks']}"
         info = ui_webui.get("/sdapi/v1/script-info").json()
         assert sorted(x["is_img2img"] for x in info if x["name"] == "magicfusion") == [False, True]
         assert np.array_equal(fused(), fused_before), f"reload {n}: the fused generation changed"
         assert np.array_equal(generate(ui_webui), plain_before), f"reload {n}: the plain generation changed"
-        s = status(ui_webui)
+        s = ui_webui.mf_status()
         assert s["expert_bytes"] == bytes_before and s["expert_loads"] == loads + n, f"reload {n}: {s}"
         r = with_entry(ui_webui, {"args": [True]})  # the guard is on the rebuilt app too
         assert_refused(r, "args", f"after reload {n}")
@@ -664,7 +652,7 @@ def test_reload_script_bodies_keeps_one_set_of_sampling_hooks(ui_webui):
     fn = _gradio_fn_index(ui_webui, "settings_reload_script_bodies")
     r = ui_webui.session.post(ui_webui.url + "/run/predict", json={"fn_index": fn, "data": [], "session_hash": "mfrel"}, timeout=120)
     assert r.status_code == 200, r.text[:300]
-    hooks = status(ui_webui)["callbacks"]
+    hooks = ui_webui.mf_status()["callbacks"]
     # sampling.install() is idempotent; the script file's other registrations (settings, XYZ, app
     # started, script unloaded) are re-added by this button, as for every extension, and are only
     # run again after a "Reload UI", which clears all callbacks first.
@@ -676,7 +664,7 @@ def test_reload_script_bodies_keeps_one_set_of_sampling_hooks(ui_webui):
     assert generate(ui_webui).shape == (64, 64, 3)
     _reload_ui(ui_webui)
     assert np.array_equal(generate(ui_webui, {"k_expert": 1.5}), fused_before)
-    assert all(c == 1 for c in status(ui_webui)["callbacks"].values())
+    assert all(c == 1 for c in ui_webui.mf_status()["callbacks"].values())
 
 
 def test_summary_of_intended_errors():

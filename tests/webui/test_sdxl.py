@@ -22,71 +22,63 @@ def gen(webui, *, main=MAIN, fused=None, init=None, **payload):
     return webui.txt2img(**body) if init is None else webui.img2img(init, **body)
 
 
-def pixels(webui, resp, index=0):
-    return webui.decode(resp["images"][index]).astype(np.int16)
-
-
-def differs(a, b, threshold=2.0):
-    return float(np.abs(a - b).mean()) > threshold
-
-
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DDIM"])
 def test_sdxl_expert_fuses_reproducibly(webui, sampler):
-    plain = pixels(webui, gen(webui, seed=31, sampler_name=sampler))
-    expert_alone = pixels(webui, gen(webui, main=EXPERT, seed=31, sampler_name=sampler))
+    plain = webui.pixels(gen(webui, seed=31, sampler_name=sampler))
+    expert_alone = webui.pixels(gen(webui, main=EXPERT, seed=31, sampler_name=sampler))
     first = gen(webui, seed=31, sampler_name=sampler, fused={"k_expert": 1.5})
     second = gen(webui, seed=31, sampler_name=sampler, fused={"k_expert": 1.5})
-    a, b = pixels(webui, first), pixels(webui, second)
+    a, b = webui.pixels(first), webui.pixels(second)
     assert np.array_equal(a, b)
-    assert differs(a, plain) and differs(a, expert_alone)
+    assert webui.differs(a, plain) and webui.differs(a, expert_alone)
     info = webui.info(first)
     assert info["sd_model_name"] == MAIN and f"MagicFusion expert: {EXPERT}" in info["infotexts"][0]
-    assert np.array_equal(pixels(webui, gen(webui, seed=31, sampler_name=sampler)), plain)
+    assert np.array_equal(webui.pixels(gen(webui, seed=31, sampler_name=sampler)), plain)
 
 
 def test_sdxl_expert_alone_equals_the_expert_model_alone(webui):
     """The expert's own SDXL conditioning (text and size vector) is built right: run alone on
     the main model's latents it gives exactly the expert checkpoint's own image."""
-    expert_plain = pixels(webui, gen(webui, main=EXPERT, seed=32, width=64, height=96))
+    expert_plain = webui.pixels(gen(webui, main=EXPERT, seed=32, width=64, height=96))
     resp = gen(webui, seed=32, width=64, height=96,
                fused={"fusion_start": 1.0, "fusion_end": 1.0, "outside_window": "expert"})
-    assert np.array_equal(pixels(webui, resp), expert_plain)
+    assert np.array_equal(webui.pixels(resp), expert_plain)
 
 
 def test_sdxl_main_as_expert_with_the_same_prompt_changes_nothing(webui):
-    plain = pixels(webui, gen(webui, seed=33))
-    fused = pixels(webui, gen(webui, seed=33, fused={"expert_checkpoint": MAIN}))
+    plain = webui.pixels(gen(webui, seed=33))
+    fused = webui.pixels(gen(webui, seed=33, fused={"expert_checkpoint": MAIN}))
     assert np.array_equal(plain, fused)
-    other_prompt = pixels(webui, gen(webui, seed=33, fused={"expert_checkpoint": MAIN,
+    other_prompt = webui.pixels(gen(webui, seed=33, fused={"expert_checkpoint": MAIN,
                                                             "expert_prompt": "a watercolor painting of a lion"}))
-    assert differs(other_prompt, plain, threshold=0.5)
+    assert webui.differs(other_prompt, plain, threshold=0.5)
 
 
 def test_sdxl_img2img(webui):
     init = webui.decode(gen(webui, seed=34)["images"][0])
-    plain = pixels(webui, gen(webui, init=init, denoising_strength=0.7, seed=35))
-    fused = pixels(webui, gen(webui, init=init, denoising_strength=0.7, seed=35, fused={}))
-    assert differs(fused, plain)
+    plain = webui.pixels(gen(webui, init=init, denoising_strength=0.7, seed=35))
+    fused = webui.pixels(gen(webui, init=init, denoising_strength=0.7, seed=35, fused={}))
+    assert webui.differs(fused, plain)
 
 
 def test_sdxl_batch(webui):
     fused = gen(webui, seed=39, batch_size=2, fused={})
     plain = gen(webui, seed=39, batch_size=2)
-    single = pixels(webui, gen(webui, seed=40, fused={}))  # image 1 of the batch has seed 39 + 1
+    single = webui.pixels(gen(webui, seed=40, fused={}))  # image 1 of the batch has seed 39 + 1
     assert len(fused["images"]) == 2
     for i in range(2):
-        assert differs(pixels(webui, fused, i), pixels(webui, plain, i))
-    assert float(np.abs(pixels(webui, fused, 1) - single).mean()) < 1.0
+        assert webui.differs(webui.pixels(fused, i), webui.pixels(plain, i))
+    assert float(np.abs(webui.pixels(fused, 1) - single).mean()) < 1.0
 
 
 def test_sdxl_hires_fix(webui):
     """The hires pass encodes the expert's prompts at the upscaled size (SDXL's size vector)."""
     hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 4}
-    plain = pixels(webui, gen(webui, seed=37, **hires))
-    on = pixels(webui, gen(webui, seed=37, **hires, fused={"apply_in_hires": True}))
-    off = pixels(webui, gen(webui, seed=37, **hires, fused={"apply_in_hires": False}))
+    plain = webui.pixels(gen(webui, seed=37, **hires))
+    on = webui.pixels(gen(webui, seed=37, **hires, fused={"apply_in_hires": True}))
+    off = webui.pixels(gen(webui, seed=37, **hires, fused={"apply_in_hires": False}))
     assert on.shape == (96, 96, 3)
-    assert differs(on, plain) and differs(on, off, threshold=0.5)
+    assert webui.differs(on, plain) and webui.differs(on, off, threshold=0.5)
 
 
 @pytest.mark.parametrize(("main", "expert", "kinds"), [
