@@ -4,4 +4,4 @@
 AUTOMATIC1111 WebUI and is the only part that imports the WebUI's `modules`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
