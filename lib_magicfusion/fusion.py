@@ -22,6 +22,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from . import snb
+from .params import METHODS
 
 Space = Literal["x0", "eps"]
 Kind = Literal["x0", "eps", "v"]
@@ -179,11 +180,24 @@ class SNBFusion:
     end: float = 1.0
     outside: int = 0
     record_masks: bool = False
+    method: str = "official"
     last_mask: Optional[torch.Tensor] = field(default=None, init=False)
     masks: dict = field(default_factory=dict, init=False)
 
+    @classmethod
+    def from_params(cls, params) -> "SNBFusion":
+        """The step for a `FusionParams`: model 0 is the general model, model m >= 1 the m-th
+        enabled expert unit (params.active_units[m - 1])."""
+        active = params.active_units
+        outside = 0 if params.outside_unit is None else 1 + active.index(params.outside_unit)
+        return cls(ks=(params.k_general, *(params.units[i].k for i in active)), blur=params.blur,
+                   baseline=params.saliency_baseline, start=params.fusion_start, end=params.fusion_end,
+                   outside=outside, record_masks=params.show_mask, method=params.method)
+
     def __post_init__(self) -> None:
         self.ks = tuple(float(k) for k in self.ks)
+        if self.method not in METHODS:
+            raise ValueError(f"MagicFusion: unknown fusion method {self.method!r}")
         if len(self.ks) < 2:
             raise ValueError("MagicFusion: fusion needs at least two models")
         if self.baseline not in ("general", "own"):
@@ -248,8 +262,11 @@ class SNBFusion:
         return deltas, temperatures
 
     def combine(self, plan: StepPlan, preds: Sequence[Optional[Prediction]], space: Space,
-                sigma: Optional[torch.Tensor] = None, step: Optional[int] = None) -> FusionResult:
-        """The guided prediction for this call. preds[m] must be given for m in plan.models."""
+                sigma: Optional[torch.Tensor] = None, step: Optional[int] = None,
+                region: Optional[torch.Tensor] = None) -> FusionResult:
+        """The guided prediction for this call. preds[m] must be given for m in plan.models.
+        region: where the image is being generated (an inpainting mask, 1 = generated), see
+        snb.stacked_saliency; None = everywhere."""
         if not plan.fuse:
             return FusionResult(guided(preds[plan.models[0]]), None)
         if len(preds) != self.n_models or any(p is None for p in preds):
@@ -259,7 +276,7 @@ class SNBFusion:
         outputs = [guided(p).to(dtype) for p in preds]
         if all(p.uncond is not None for p in preds):
             deltas, temperatures = self._saliency_inputs(preds, space, sigma)
-            mask = torch.argmax(snb.stacked_saliency(deltas, temperatures, self.blur), dim=0)
+            mask = torch.argmax(snb.stacked_saliency(deltas, temperatures, self.blur, region), dim=0)
             self.last_mask = mask
             if self.record_masks and step is not None:
                 self.masks[step] = mask.to("cpu", torch.uint8)

@@ -15,7 +15,7 @@ The operators follow the official MagicFusion code exactly:
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,8 @@ def k_column(ks: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.tensor(ks, dtype=dtype, device=device).reshape(-1, 1, 1)
 
 
-def stacked_saliency(deltas: torch.Tensor, temperatures: torch.Tensor, blur: int = 4) -> torch.Tensor:
+def stacked_saliency(deltas: torch.Tensor, temperatures: torch.Tensor, blur: int = 4,
+                     region: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Saliency of N models' guidance terms stacked as (N, B, C, H, W) -> (N, B, 1, H, W).
 
     temperatures: k per model, (N, 1, 1), or per model and sample, (N, B, 1). The blur, the
@@ -73,14 +74,36 @@ def stacked_saliency(deltas: torch.Tensor, temperatures: torch.Tensor, blur: int
     delta with k * c: a caller may fold a scale into the temperature instead of multiplying
     the whole delta (the fusion step folds the guidance scale and 1/sigma in this way).
     Computed in `compute_dtype` of the input.
+
+    region: where the image is being generated, (B or 1, 1, H, W) weights in [0, 1] (an
+    inpainting mask); None = everywhere. The saliency outside the region counts as zero
+    (like the padding beyond the image's border) and the softmax runs over the region only,
+    weighted by it, so who wins inside depends on the region alone. A sample whose region is
+    empty is treated as having none.
     """
     if deltas.dim() != 5:
         raise ValueError(f"MagicFusion: stacked guidance terms must have shape (N, B, C, H, W), got {tuple(deltas.shape)}")
     n, batch, channels, height, width = deltas.shape
     dtype = compute_dtype(deltas.dtype)
-    maps = _blurred_abs(deltas.reshape(n * batch, channels, height, width).to(dtype), blur)
+    flat = deltas.reshape(n * batch, channels, height, width).to(dtype)
+    weights = None
+    if region is not None:
+        weights = _region_weights(region, batch, height, width, dtype)
+        flat = flat * weights.repeat(n, 1, 1, 1)
+    maps = _blurred_abs(flat, blur)
     scaled = maps.reshape(n, batch, height * width) * temperatures.to(dtype)
+    if weights is not None:
+        scaled = scaled + torch.log(weights.reshape(1, batch, height * width))
     return torch.softmax(scaled, dim=2).reshape(n, batch, 1, height, width)
+
+
+def _region_weights(region: torch.Tensor, batch: int, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    weights = region.to(dtype)
+    if weights.dim() == 3:
+        weights = weights[:1].unsqueeze(0)
+    weights = weights[:, :1].clamp(0, 1).expand(batch, 1, height, width)
+    empty = weights.reshape(batch, -1).amax(dim=1) <= 0
+    return torch.where(empty.reshape(batch, 1, 1, 1), torch.ones_like(weights), weights)
 
 
 def saliency_maps(deltas: Sequence[torch.Tensor], ks: Sequence[float], blur: int = 4) -> torch.Tensor:

@@ -25,8 +25,8 @@ class MagicFusionScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs):
         extension.before_sampling(p)
 
-    def postprocess_batch(self, p, *args, **kwargs):
-        extension.after_batch(p)
+    def post_sample(self, p, ps, *args):
+        extension.after_sampling(p)
 
     def postprocess(self, p, processed, *args):
         extension.postprocess(p, processed)
@@ -34,6 +34,7 @@ class MagicFusionScript(scripts.Script):
 
 script_callbacks.on_ui_settings(settings.register)
 script_callbacks.on_before_ui(xyz.register)
+script_callbacks.on_model_loaded(extension.on_model_loaded)
 
 
 def on_app_started(demo, app):
@@ -42,4 +43,4 @@ def on_app_started(demo, app):
 
 
 script_callbacks.on_app_started(on_app_started)
-script_callbacks.on_script_unloaded(extension.unload)
+script_callbacks.on_script_unloaded(extension.on_script_unloaded)

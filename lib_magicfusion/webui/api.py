@@ -8,7 +8,7 @@ import secrets
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from modules import call_queue, script_callbacks, shared
+from modules import script_callbacks, shared
 
 from .. import __version__
 from ..params import FusionParams
@@ -51,19 +51,20 @@ def _callbacks() -> dict[str, int]:
 
 
 def status() -> dict:
-    e = experts.cache.expert
+    loaded = experts.cache.loaded()
     return {
         "version": __version__,
-        "expert_loaded": e.title if e is not None else None,
-        "expert_bytes": experts.expert_memory_bytes(e),
+        "expert_loaded": loaded[-1].title if loaded else None,   # the most recently used
+        "experts_loaded": [e.title for e in loaded],
+        "expert_bytes": sum(experts.expert_memory_bytes(e) for e in loaded),
         "expert_loads": experts.cache.loads,
         "callbacks": _callbacks(),
+        "last_generation": extension.last_report,
     }
 
 
 def unload() -> dict:
-    with call_queue.queue_lock:
-        freed = extension.unload()
+    freed = extension.unload()  # takes the WebUI's queue lock: never in the middle of a generation
     return {"unloaded": freed, **status()}
 
 

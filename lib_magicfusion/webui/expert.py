@@ -1,9 +1,17 @@
-"""Finding, loading, caching and freeing the expert checkpoint inside the WebUI.
+"""Finding, loading, caching and freeing expert checkpoints inside the A1111 WebUI.
 
-The expert is resolved only among the WebUI's installed checkpoints and read only through
-the WebUI's own loader. Loading goes through `sd_models.load_model`, which is global in
-every way (it trashes the current model, rewrites settings, VAE and hijack state); the
-main model and all of that state are saved before and put back after, also on failure.
+An expert is resolved only among the WebUI's installed checkpoints and read only through the
+WebUI's own reader (safetensors, or its restricted unpickler). It is built with the WebUI's
+own config detection, model classes and dtype rules, but never through `sd_models.load_model`,
+which would make it the main model for a while (other threads would see `shared.sd_model`
+become None or the expert, and settings, VAE and hijack state change). Nothing global is
+written while an expert loads: the main model, `shared.opts`, the VAE state and the hijack
+state stay as they are, so a settings read or another request during the load sees the main
+model throughout.
+
+Experts are cached by checkpoint file, least recently used first; `ExpertCache.settle`
+trims the cache to the resident bound after each generation, and frees experts that can no
+longer fuse with a new main model.
 """
 
 from __future__ import annotations
@@ -13,20 +21,28 @@ import gc
 import re
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
+import torch
 
-from modules import devices, sd_hijack, sd_models, sd_vae, shared
+from modules import devices, sd_disable_initialization, sd_hijack, sd_models, sd_models_config, sd_models_xl, sd_unet, shared
+from modules.timer import Timer
 
 from ..params import MagicFusionError
+from . import networks
+
+LOCK = threading.RLock()  # guards the cache; generations already run one at a time under the WebUI's queue lock
 
 
 @dataclass
 class Expert:
-    model: Any                 # the LatentDiffusion model
+    model: Any                 # the LatentDiffusion / DiffusionEngine
     info: Any                  # its CheckpointInfo
-    is_main: bool              # the main checkpoint itself (one model, two prompts)
+    is_main: bool              # the main checkpoint itself (one model, several prompts)
+    empty_cond: Any = None     # its empty-prompt token rows (1, 77, width), for padding its rows
+    wrappers: dict = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -38,20 +54,20 @@ class Expert:
 
 
 def checkpoint_titles() -> list[str]:
-    """The installed checkpoints' titles, as the expert picker and the XYZ axis list them."""
+    """The installed checkpoints' titles, as the expert pickers and the XYZ axes list them."""
     return sorted(sd_models.checkpoints_list, key=str.casefold)
 
 
-def resolve(name: str):
+def resolve(name: str, field_name: str = "expert_checkpoint"):
     """The CheckpointInfo of an installed checkpoint, matched as the WebUI matches names."""
     if not isinstance(name, str) or not name.strip():
-        raise MagicFusionError("is required when MagicFusion is enabled", "expert_checkpoint")
+        raise MagicFusionError("is required when MagicFusion is enabled", field_name)
     name = name.strip()
     if _looks_like_path(name):
-        raise MagicFusionError(f"must name an installed checkpoint (title, name or hash), not a path or URL: {name!r}", "expert_checkpoint")
+        raise MagicFusionError(f"must name an installed checkpoint (title, name or hash), not a path or URL: {name!r}", field_name)
     info = sd_models.checkpoint_aliases.get(name) or sd_models.get_closet_checkpoint_match(name)
     if info is None:
-        raise MagicFusionError(f"no installed checkpoint matches {name!r}", "expert_checkpoint")
+        raise MagicFusionError(f"no installed checkpoint matches {name!r}", field_name)
     return info
 
 
@@ -60,6 +76,8 @@ def _looks_like_path(name: str) -> bool:
     return ("://" in name or name.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", name) is not None
             or ".." in re.split(r"[\\/]", name))
 
+
+# --------------------------------------------------------------------------- compatibility
 
 def architecture(model) -> str:
     if getattr(model, "is_sd3", False):
@@ -71,114 +89,180 @@ def architecture(model) -> str:
     return "SD1"
 
 
-def check_compatible(main, expert_model, role: str = "expert") -> None:
-    """Refuse what cannot share the main model's latents and conditioning layout."""
-    for who, model in (("main checkpoint", main), (f"{role} checkpoint", expert_model)):
-        unet = model.model.diffusion_model
-        key = getattr(model.model, "conditioning_key", None)
-        if getattr(model, "cond_stage_key", None) == "edit":
-            raise MagicFusionError(f"the {who} is an instruct/edit model, which cannot be fused", "expert_checkpoint")
-        if getattr(unet, "in_channels", 4) != 4 or getattr(model, "is_sdxl_inpaint", False) or key == "hybrid":
-            raise MagicFusionError(f"the {who} is an inpainting model, which cannot be fused (use a normal model; inpainting with a normal model works)", "expert_checkpoint")
-        if key == "crossattn-adm":
-            raise MagicFusionError(f"the {who} is an unCLIP model, which cannot be fused", "expert_checkpoint")
-        if architecture(model) == "SD3":
-            raise MagicFusionError(f"the {who} is an SD3 model, which MagicFusion does not support", "expert_checkpoint")
-    a, b = architecture(main), architecture(expert_model)
+def text_encoder_family(model) -> tuple[str, ...]:
+    """The text encoders a model conditions on, by class (the embedding spaces they produce)."""
+    conditioner = getattr(model, "conditioner", None)
+    if conditioner is not None:
+        return tuple(type(getattr(e, "wrapped", e)).__name__ for e in conditioner.embedders
+                     if getattr(e, "input_key", "txt") == "txt")
+    encoder = model.cond_stage_model
+    return (type(getattr(encoder, "wrapped", encoder)).__name__,)
+
+
+def _cond_widths(cond) -> tuple[int, Optional[int]]:
+    if isinstance(cond, dict):
+        vector = cond.get("vector")
+        return cond["crossattn"].shape[-1], (vector.shape[-1] if vector is not None else None)
+    return cond.shape[-1], None
+
+
+def _unet_widths(model) -> tuple[Optional[int], Optional[int]]:
+    """The cross-attention context width and the size of the `vector` (SDXL's adm) the UNet expects."""
+    unet = model.model.diffusion_model
+    context = next((m.in_features for name, m in unet.named_modules() if name.endswith("attn2.to_k")), None)
+    label = getattr(unet, "label_emb", None)
+    vector = None
+    if label is not None:
+        first = next((m for m in label.modules() if isinstance(m, torch.nn.Linear)), None)
+        vector = first.in_features if first is not None else None
+    return context, vector
+
+
+def _refuse(model, who: str, field_name: str) -> None:
+    unet = model.model.diffusion_model
+    key = getattr(model.model, "conditioning_key", None)
+    if getattr(model, "cond_stage_key", None) == "edit":
+        raise MagicFusionError(f"the {who} is an instruct/edit model, which cannot be fused", field_name)
+    if getattr(unet, "in_channels", 4) != 4 or getattr(model, "is_sdxl_inpaint", False) or key == "hybrid":
+        raise MagicFusionError(f"the {who} is an inpainting model, which cannot be fused (use a normal model; inpainting "
+                               "with a normal model works)", field_name)
+    if key == "crossattn-adm":
+        raise MagicFusionError(f"the {who} is an unCLIP model, which cannot be fused", field_name)
+    if architecture(model) == "SD3":
+        raise MagicFusionError(f"the {who} is an SD3 model, which MagicFusion does not support", field_name)
+
+
+def check_compatible(main, expert: Expert, *, text_encoder: str, field_name: str, encoder_field: str) -> None:
+    """Refuse, before sampling, every pairing that cannot work: models that cannot be fused at all,
+    latent spaces that differ, and prompts encoded by a text encoder whose embedding space or
+    width the expert's UNet was not trained on (`text_encoder` "general": the main model's)."""
+    _refuse(main, "main checkpoint", field_name)
+    if expert.is_main:
+        return
+    model = expert.model
+    _refuse(model, "expert checkpoint", field_name)
+    a, b = architecture(main), architecture(model)
     if (a == "SDXL") != (b == "SDXL"):
-        raise MagicFusionError(f"the expert is an {b} model and the main checkpoint an {a} model; they do not share a latent space "
-                               "(SD1/SD2 fuse with SD1/SD2, SDXL with SDXL)", "expert_checkpoint")
+        raise MagicFusionError(f"the expert is an {b} model and the main checkpoint an {a} model; they do not share a latent "
+                               "space (SD1/SD2 fuse with SD1/SD2, SDXL with SDXL)", field_name)
+    if text_encoder == "general":
+        mine, theirs = text_encoder_family(main), text_encoder_family(model)
+        if mine != theirs:
+            raise MagicFusionError(f"'general' encodes this expert's prompts with the main model's text encoder ({'+'.join(mine)}), "
+                                   f"but the expert ({b}) was trained on {'+'.join(theirs)} embeddings; use 'expert'", encoder_field)
+        encoder = main
+    else:
+        encoder = model
+    width, vector = _cond_widths(empty_cond(encoder, None if encoder is main else []))
+    context, adm = _unet_widths(model)
+    if context is not None and width != context:
+        raise MagicFusionError(f"the text encoder gives {width}-wide embeddings but the expert's UNet expects {context}", encoder_field)
+    if adm is not None and vector is not None and vector != adm:
+        raise MagicFusionError(f"the conditioning vector is {vector} wide but the expert's UNet expects {adm}", encoder_field)
 
 
-class ExpertCache:
-    """Holds at most one loaded expert, reused across generations until freed."""
-
-    def __init__(self):
-        self.expert: Optional[Expert] = None
-        self.last_used = 0.0
-        self.loads = 0
-        self._lock = threading.RLock()
-
-    def get(self, info) -> Expert:
-        main = shared.sd_model
-        if main is None:
-            raise MagicFusionError("no main checkpoint is loaded", "expert_checkpoint")
-        with self._lock:
-            self.last_used = time.monotonic()
-            if main.sd_checkpoint_info.filename == info.filename:
-                if self.expert is not None and self.expert.info.filename == info.filename:
-                    self.unload()  # a second copy of the main model's weights
-                return Expert(main, main.sd_checkpoint_info, is_main=True)
-            if self.expert is not None and self.expert.info.filename == info.filename:
-                return self.expert
-            self.unload()
-            model = _load_beside_main(info)
-            try:
-                check_compatible(main, model)
-            except MagicFusionError:
-                del model
-                _collect()
-                raise
-            self.expert = Expert(model, info, is_main=False)
-            self.loads += 1
-            return self.expert
-
-    def unload(self) -> bool:
-        with self._lock:
-            if self.expert is None:
-                return False
-            self.expert = None
-            _collect()
-            return True
-
-    def unload_if_idle(self, minutes: float) -> bool:
-        if self.expert is not None and minutes > 0 and time.monotonic() - self.last_used > minutes * 60:
-            return self.unload()
-        return False
+def empty_cond(model, nets=None):
+    """A model's conditioning of the empty prompt, encoded now (`nets`: the networks its text
+    encoder holds meanwhile; None leaves them as they are)."""
+    swap = networks.using(nets) if nets is not None else contextlib.nullcontext()
+    with devices.autocast(), torch.no_grad(), swap:
+        return model.get_learned_conditioning([""])
 
 
-def _collect() -> None:
-    gc.collect()
-    devices.torch_gc()
+def pad_cond(cond):
+    """The part of an empty-prompt conditioning that pads token rows (the WebUI keeps the same)."""
+    return cond["crossattn"] if isinstance(cond, dict) else cond
 
 
-def _load_beside_main(info):
-    """Load a checkpoint with the WebUI's loader without disturbing the main model."""
-    model_data = sd_models.model_data
-    main = model_data.sd_model
-    saved_loaded = list(model_data.loaded_sd_models)
-    saved_opts = {k: shared.opts.data.get(k) for k in ("sd_model_checkpoint", "sd_checkpoint_hash")}
-    saved_devices = {k: getattr(devices, k, None) for k in ("dtype_unet", "fp8", "unet_needs_upcast")}
-    saved_vae = (sd_vae.base_vae, sd_vae.loaded_vae_file, sd_vae.checkpoint_info)
-    expert = None
+# --------------------------------------------------------------------------- loading
+
+def _load_beside_main(info) -> Any:
+    """Build and load a checkpoint the way `sd_models.load_model` does, but as a model of its own:
+    nothing global changes (see the module docstring). The VAE is dropped (the main model's VAE
+    decodes) and the text encoder waits off the accelerator until it encodes."""
+    timer = Timer()
+    cmd = shared.cmd_opts
+    state_dict = sd_models.get_checkpoint_state_dict(info, timer)
+    config_path = sd_models_config.find_checkpoint_config(state_dict, info)
+    clip_included = any(k in state_dict for k in (sd_models.sd1_clip_weight, sd_models.sd2_clip_weight,
+                                                   sd_models.sdxl_clip_weight, sd_models.sdxl_refiner_clip_weight))
+    from omegaconf import OmegaConf
+    config = OmegaConf.load(config_path)
+    sd_models.repair_config(config, state_dict)
+    with sd_disable_initialization.DisableInitialization(disable_clip=clip_included or cmd.do_not_download_clip):
+        with sd_disable_initialization.InitializeOnMeta():
+            model = sd_models.instantiate_from_config(config.model, state_dict)
+    model.used_config = config_path
+    conversion = None if cmd.no_half else {"first_stage_model": None, "alphas_cumprod": None, "": torch.float16}
+    with sd_disable_initialization.LoadStateDictOnMeta(state_dict, device=sd_models.model_target_device(model),
+                                                      weight_dtype_conversion=conversion):
+        _load_weights(model, info, state_dict)
+    del state_dict
+    sd_models.send_model_to_device(model)
+    # The VAE never decodes an expert's latents: its weights are dropped.
+    if getattr(model, "first_stage_model", None) is not None:
+        model.first_stage_model.to("meta")
+    _hijack_alone(model)
+    model.eval().requires_grad_(False)
+    networks.name_layers(model)
+    if devices.device != devices.cpu and getattr(model, "cond_stage_model", None) is not None:
+        model.cond_stage_model.to(devices.cpu)
+    return model
+
+
+def _load_weights(model, info, state_dict) -> None:
+    """`sd_models.load_model_weights` for a model that is not the main one: the same model-type
+    detection, SDXL extension, dtype rules and alpha schedule, without its writes to settings,
+    device globals and the VAE state."""
+    model.sd_model_hash = info.calculate_shorthash()
+    if devices.fp8:
+        model.half()
+    sd_models.set_model_type(model, state_dict)
+    sd_models.set_model_fields(model)
+    if model.is_sdxl:
+        sd_models_xl.extend_sdxl(model)
+    if getattr(model, "is_ssd", False):
+        sd_hijack.model_hijack.convert_sdxl_to_ssd(model)
+    if hasattr(model, "before_load_weights"):
+        model.before_load_weights(state_dict)
+    model.load_state_dict(state_dict, strict=False)
+    if hasattr(model, "after_load_weights"):
+        model.after_load_weights(state_dict)
+    unet_in = model.model.state_dict().get("diffusion_model.input_blocks.0.0.weight")
+    model.is_sdxl_inpaint = model.is_sdxl and unet_in is not None and unet_in.shape[1] == 9
+    if shared.cmd_opts.opt_channelslast:
+        model.to(memory_format=torch.channels_last)
+    if shared.cmd_opts.no_half:
+        model.float()
+        model.alphas_cumprod_original = model.alphas_cumprod
+    else:
+        vae, model.first_stage_model = model.first_stage_model, None
+        alphas_cumprod, model.alphas_cumprod = model.alphas_cumprod, None
+        model.half()
+        model.alphas_cumprod = model.alphas_cumprod_original = alphas_cumprod
+        model.first_stage_model = vae
+    sd_models.apply_alpha_schedule_override(model)
+    if sd_models.check_fp8(model):
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and module is not getattr(model, "first_stage_model", None):
+                module.to(torch.float8_e4m3fn)
+    model.sd_model_checkpoint = info.filename
+    model.sd_checkpoint_info = info
+    if hasattr(model, "logvar"):
+        model.logvar = model.logvar.to(devices.device)
+
+
+def _hijack_alone(model) -> None:
+    """The WebUI's text-encoder hijack (weights, BREAK, long prompts, embeddings) for a model that
+    is not the main one. `model_hijack.hijack` also points three globals at the model it is given
+    (the prompt-length counter's encoder, the flattened layers and the UNet forward that SD-UNet
+    overrides fall back to); they are put back at once, so the main model's hijack stays as it was."""
+    hijack = sd_hijack.model_hijack
+    saved = (hijack.clip, hijack.layers, sd_unet.original_forward)
     try:
-        with sd_models.SkipWritingToConfig():
-            model_data.sd_model = None  # keeps load_model from sending the main model to the trash
-            expert = sd_models.load_model(info)
-    except Exception as e:
-        raise MagicFusionError(f"could not load {info.title!r}: {e}", "expert_checkpoint") from e
+        hijack.hijack(model)
     finally:
-        model_data.loaded_sd_models[:] = [m for m in saved_loaded if m is not expert]
-        model_data.set_sd_model(main, already_loaded=True)
-        for key, value in saved_opts.items():
-            if value is None:
-                shared.opts.data.pop(key, None)
-            else:
-                shared.opts.data[key] = value
-        for key, value in saved_devices.items():
-            setattr(devices, key, value)
-        sd_vae.base_vae, sd_vae.loaded_vae_file, sd_vae.checkpoint_info = saved_vae
-        if main is not None:
-            sd_hijack.model_hijack.hijack(main)
-            sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
-    # The expert's VAE is never used: its weights are dropped. Its text encoder is needed
-    # only to encode prompts: it waits off the accelerator (see text_encoder_ready).
-    if getattr(expert, "first_stage_model", None) is not None:
-        expert.first_stage_model.to("meta")
-    if devices.device != devices.cpu and getattr(expert, "cond_stage_model", None) is not None:
-        expert.cond_stage_model.to(devices.cpu)
-    expert.eval().requires_grad_(False)
-    return expert
+        hijack.clip, hijack.layers, sd_unet.original_forward = saved
 
 
 @contextlib.contextmanager
@@ -196,13 +280,111 @@ def text_encoder_ready(expert: Expert):
 
 
 def expert_memory_bytes(expert: Optional[Expert]) -> int:
-    """Bytes of weights the expert holds beyond the main model (its UNet and text encoder)."""
+    """Bytes of weights an expert holds beyond the main model (its UNet and text encoder)."""
     if expert is None or expert.is_main:
         return 0
     tensors = list(expert.model.parameters()) + list(expert.model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
 
+def _collect() -> None:
+    gc.collect()
+    devices.torch_gc()
+
+
+# --------------------------------------------------------------------------- the cache
+
+class ExpertCache:
+    """Loaded experts by checkpoint file, least recently used first."""
+
+    def __init__(self):
+        self.experts: "OrderedDict[str, Expert]" = OrderedDict()
+        self.loads = 0
+        self.last_used = time.monotonic()
+        self._timer: Optional[threading.Timer] = None
+
+    def get(self, info, field_name: str = "expert_checkpoint") -> Expert:
+        """The expert for a checkpoint: the main model itself when it is the main checkpoint,
+        else a cached or newly loaded model beside it."""
+        main = shared.sd_model
+        if main is None:
+            raise MagicFusionError("no main checkpoint is loaded", field_name)
+        with LOCK:
+            self.touch()
+            if main.sd_checkpoint_info.filename == info.filename:
+                self.unload(info.filename)  # a second copy of the main model's weights is never kept
+                return Expert(main, main.sd_checkpoint_info, is_main=True, empty_cond=main.cond_stage_model_empty_prompt)
+            expert = self.experts.get(info.filename)
+            if expert is None:
+                try:
+                    model = _load_beside_main(info)
+                except MagicFusionError:
+                    raise
+                except Exception as e:
+                    _collect()
+                    raise MagicFusionError(f"could not load {info.title!r}: {type(e).__name__}: {e}", field_name) from e
+                expert = Expert(model, info, is_main=False, empty_cond=pad_cond(empty_cond(model, [])))
+                self.experts[info.filename] = expert
+                self.loads += 1
+            self.experts.move_to_end(info.filename)
+            return expert
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def unload(self, filename: Optional[str] = None) -> bool:
+        """Free one expert (by checkpoint file) or all; whether any was loaded. Generations drop
+        their own references when they end, so the memory returns here."""
+        with LOCK:
+            names = [filename] if filename is not None else list(self.experts)
+            freed = [self.experts.pop(n) for n in names if n in self.experts]
+            if not freed:
+                return False
+            for expert in freed:
+                expert.wrappers.clear()
+            del freed, expert
+            _collect()
+            return True
+
+    def loaded(self) -> list[Expert]:
+        with LOCK:
+            return list(self.experts.values())
+
+    def settle(self, keep: int, idle_minutes: float, lock: Callable[[], Any]) -> None:
+        """After a generation: trim to `keep` resident experts (0 = none) and arm the idle timer,
+        which frees them all after `idle_minutes` without fusion (0 = never). The timer takes
+        `lock()` (the WebUI's queue lock), so it never frees an expert under a generation."""
+        with LOCK:
+            while len(self.experts) > max(0, keep):
+                self.unload(next(iter(self.experts)))
+            self.touch()
+            if idle_minutes > 0 and self.experts:
+                stamp = self.last_used
+
+                def fire():
+                    with lock():
+                        if self.last_used == stamp:
+                            self.unload()
+
+                self._timer = threading.Timer(idle_minutes * 60, fire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def on_main_changed(self, main) -> None:
+        """A new main model: free experts that duplicate it or can no longer fuse with it."""
+        if main is None:
+            return
+        with LOCK:
+            for filename, expert in list(self.experts.items()):
+                if filename == main.sd_checkpoint_info.filename or \
+                        (architecture(main) == "SDXL") != (architecture(expert.model) == "SDXL"):
+                    self.unload(filename)
+
+
 cache = ExpertCache()
 
-__all__ = ["Expert", "ExpertCache", "cache", "checkpoint_titles", "resolve", "check_compatible", "architecture", "expert_memory_bytes", "text_encoder_ready"]
+__all__ = ["Expert", "ExpertCache", "cache", "checkpoint_titles", "resolve", "check_compatible", "architecture",
+           "expert_memory_bytes", "text_encoder_ready", "empty_cond", "text_encoder_family"]

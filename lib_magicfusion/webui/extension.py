@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
-import torch
+from modules import call_queue, infotext_utils, shared
 
-from modules import devices, extra_networks, infotext_utils, prompt_parser, sd_samplers, shared
-
-from ..fusion import SNBFusion
-from ..params import FIELD_NAMES, FusionParams, MagicFusionError
+from ..params import FusionParams, MagicFusionError, flat_names, spec, unit_flat_name
 from . import expert as experts
-from . import masks, sampling
+from . import masks
+from .generation import Generation
 
 XYZ_PREFIX = "magicfusion_"
+last_report: Optional[dict] = None  # what the last finished fused generation did (GET /magicfusion/v1/status)
 
 
 def is_forge() -> bool:
@@ -37,125 +35,88 @@ def parse(p, args: Sequence[Any]) -> FusionParams:
             raise MagicFusionError("holds no MagicFusion keys", "infotext")
     else:
         params = FusionParams.from_args(args)
-    overrides = {name: getattr(p, XYZ_PREFIX + name) for name in FIELD_NAMES if hasattr(p, XYZ_PREFIX + name)}
+    overrides = {name: getattr(p, XYZ_PREFIX + name) for name in flat_names() if hasattr(p, XYZ_PREFIX + name)}
     if overrides:
-        params = FusionParams.from_dict({**params.to_dict(), **overrides, "enabled": True})
+        flat = params.to_flat()
+        flat.update(overrides)
+        flat["enabled"] = True
+        for name in overrides:  # an axis over a unit's checkpoint, prompt or k turns that unit on
+            unit = spec(name).unit
+            if unit is not None:
+                flat[unit_flat_name(unit, "enabled")] = True
+        params = FusionParams.from_flat(flat)
     return params
 
 
 def process(p, args: Sequence[Any]) -> None:
-    """Start of every generation: reset the hook state, validate, find and load the expert."""
-    run = sampling.Run(p)
-    sampling.start(run)
+    """Start of every generation: validate, then (if enabled) a Generation on p."""
+    setattr(p, "magicfusion_generation", None)
     try:
         params = parse(p, args)
-        if not params.enabled:
-            sampling.start(None)
-            experts.cache.unload_if_idle(shared.opts.data.get("magicfusion_unload_after_minutes", 0))
-            return
-        _prepare(run, params)
     except Exception as e:
-        run.fail(e)  # raised by the sampling gate: the generation fails with this message
-
-
-def _prepare(run: sampling.Run, params: FusionParams) -> None:
-    p = run.p
+        _failed(p, e)
+        return
+    if not params.enabled:
+        return
     if is_forge():
-        raise MagicFusionError("WebUI Forge is not supported; use AUTOMATIC1111 1.10", "enabled")
-    if getattr(p, "refiner_checkpoint", None) not in (None, "", "None", "none") and (p.refiner_switch_at or 1) < 1:
-        raise MagicFusionError("cannot run together with the refiner; turn one of them off", "enabled")
-    info = experts.resolve(params.expert_checkpoint)
-    # An empty window with the general model outside it never needs the expert: not even loaded.
-    if params.fusion_start < params.fusion_end or params.outside_window == "expert":
-        run.expert = experts.cache.get(info)  # checked against the main model before each sampling pass
-    run.params = params
-    run.fusion = SNBFusion(
-        ks=(params.k_general, params.k_expert), blur=params.blur, baseline=params.saliency_baseline,
-        start=params.fusion_start, end=params.fusion_end, outside=0 if params.outside_window == "general" else 1,
-        record_masks=params.show_mask,
-    )
-    p.extra_generation_params.update(params.replace(expert_checkpoint=info.name_for_extra).infotext())
-    if getattr(info, "shorthash", None):
-        p.extra_generation_params["MagicFusion expert hash"] = info.shorthash
+        _failed(p, MagicFusionError("WebUI Forge is not supported yet; use AUTOMATIC1111 1.10", "enabled"))
+        return
+    experts.cache.touch()
+    Generation.start(p, params)
+
+
+def _failed(p, error: BaseException) -> None:
+    """A generation that asked for fusion but cannot have it: it fails at its first model call."""
+    gen = Generation(p, FusionParams())
+    setattr(p, "magicfusion_generation", gen)
+    gen.fail(error)
 
 
 def before_sampling(p) -> None:
-    """Before each sampling pass (first pass, hires pass, img2img): the expert's conditioning."""
-    run = sampling.current
-    if run is None or run.p is not p or run.error is not None or run.params is None:
-        return
-    try:
-        hires = bool(getattr(p, "is_hr_pass", False))
-        run.active = not hires or run.params.apply_in_hires
-        run.conds = None
-        run.fusion.reset()
-        if not run.active or run.expert is None:
-            return
-        main = shared.sd_model
-        if run.expert.is_main and run.expert.model is not main:
-            run.expert = experts.cache.get(experts.resolve(run.params.expert_checkpoint))
-        experts.check_compatible(main, run.expert.model)
-        run.conds = encode(p, run, hires)
-    except Exception as e:
-        run.fail(e)
+    gen = Generation.of(p)
+    if gen is not None:
+        gen.begin_pass()
 
 
-def _strip_networks(prompt: str) -> str:
-    text, _ = extra_networks.parse_prompt(prompt)
-    return text
-
-
-def encode(p, run: sampling.Run, hires: bool) -> sampling.PassConds:
-    """The expert prompts, encoded through the WebUI's prompt machinery (weights, BREAK,
-    long prompts, prompt editing and embeddings all apply)."""
-    params = run.params
-    model = run.expert.model if params.expert_text_encoder == "expert" else shared.sd_model
-    if hires:
-        prompts, negatives = list(p.hr_prompts), list(p.hr_negative_prompts)
-        width, height = p.hr_upscale_to_x, p.hr_upscale_to_y
-        config = sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
-        hr_steps = p.hr_second_pass_steps or p.steps
-        hires_steps = config.total_steps(hr_steps) if config else hr_steps
-    else:
-        prompts, negatives = list(p.prompts), list(p.negative_prompts)
-        width, height = p.width, p.height
-        hires_steps = None
-    if params.expert_prompt.strip():
-        prompts = [_strip_networks(params.expert_prompt)] * len(prompts)
-    if params.expert_negative_prompt.strip():
-        negatives = [params.expert_negative_prompt] * len(negatives)
-    steps = p.firstpass_steps
-    ready = experts.text_encoder_ready(run.expert) if model is run.expert.model else contextlib.nullcontext()
-    with ready, devices.autocast(), torch.no_grad():
-        c = prompt_parser.get_multicond_learned_conditioning(
-            model, prompt_parser.SdConditioning(prompts, width=width, height=height), steps, hires_steps, shared.opts.use_old_scheduling)
-        uc = prompt_parser.get_learned_conditioning(
-            model, prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True), steps, hires_steps,
-            shared.opts.use_old_scheduling)
-    return sampling.PassConds(c, uc)
-
-
-def after_batch(p) -> None:
-    run = sampling.current
-    if run is not None and run.p is p and run.params is not None and run.params.show_mask:
-        run.batch_masks.append(dict(run.fusion.masks))
+def after_sampling(p) -> None:
+    gen = Generation.of(p)
+    if gen is not None and gen.error is None:
+        gen.end_batch()
 
 
 def postprocess(p, processed) -> None:
-    run = sampling.current
-    if run is None or run.p is not p or run.params is None:
+    global last_report
+    gen = Generation.of(p)
+    if gen is None:
         return
     try:
-        if run.params.show_mask:
-            masks.add_to_gallery(p, processed, run.batch_masks)
+        if gen.params.show_mask and gen.error is None:
+            masks.add_to_gallery(p, processed, gen)
     finally:
-        run.batch_masks = []
-        if not shared.opts.data.get("magicfusion_keep_expert_loaded", True):
-            sampling.start(None)
-            experts.cache.unload()
+        gen.end()
+        last_report = gen.report()
+        settle()
+
+
+def settle() -> None:
+    """After a generation: the resident bound, keep-loaded and the idle timer."""
+    opts = shared.opts.data
+    keep = int(opts.get("magicfusion_max_resident_experts", 2)) if opts.get("magicfusion_keep_expert_loaded", True) else 0
+    experts.cache.settle(keep, float(opts.get("magicfusion_unload_after_minutes", 0) or 0), lambda: call_queue.queue_lock)
 
 
 def unload() -> bool:
-    """Free the expert (script unload, "Reload UI", the unload button and route); whether one was loaded."""
-    sampling.start(None)
-    return experts.cache.unload()
+    """Free every expert (the unload button and route, under the WebUI's queue lock, so never in
+    the middle of a generation); whether one was loaded."""
+    with call_queue.queue_lock:
+        return experts.cache.unload()
+
+
+def on_script_unloaded() -> None:
+    """Reload UI re-imports the extension: free the experts of the old module."""
+    experts.cache.touch()
+    experts.cache.unload()
+
+
+def on_model_loaded(sd_model) -> None:
+    experts.cache.on_main_changed(sd_model)

@@ -24,7 +24,7 @@ from typing import Any, Optional
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 
-from ..params import FIELD_NAMES, MagicFusionError
+from ..params import MagicFusionError, flat_names, unit_flat_name
 
 GUARDED_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 SCRIPT_NAME = "magicfusion"  # the WebUI matches alwayson script names by lower-cased title
@@ -58,8 +58,8 @@ def validate_entry(entry: Any) -> None:
         return  # the WebUI runs the script with its defaults: disabled
     args = entry["args"]
     if not isinstance(args, list):
-        raise MagicFusionError(f"must be a list (one object of named fields, or {len(FIELD_NAMES)} positional "
-                               f"values), got {type(args).__name__}", "args")
+        raise MagicFusionError(f"must be a list (one object of named fields, or the {len(flat_names(1))} or more positional "
+                               f"values of GET /sdapi/v1/script-info), got {type(args).__name__}", "args")
     if not args:
         return  # no values: the script's defaults (disabled), as the WebUI documents
     if isinstance(args[0], dict) and len(args) != 1:
@@ -69,7 +69,15 @@ def validate_entry(entry: Any) -> None:
     from . import expert, extension
     params = extension.parse(_NoOverrides(), args)
     if params.enabled:
-        expert.resolve(params.expert_checkpoint)
+        for i in params.active_units:
+            expert.resolve(params.units[i].checkpoint, unit_flat_name(i, "checkpoint"))
+
+
+def _may_name_script(body: bytes) -> bool:
+    """Whether a JSON body may hold a key spelling MagicFusion (case-insensitively; an escaped
+    letter such as \u0046 counts as maybe)."""
+    lowered = body.lower()
+    return SCRIPT_NAME.encode() in lowered or b"\\u" in lowered
 
 
 def _authorized(headers: dict[bytes, bytes]) -> bool:
@@ -110,7 +118,9 @@ class MagicFusionGuard:
             if message.get("type") != "http.request" or not message.get("more_body", False):
                 break
         body = b"".join(m.get("body", b"") for m in messages if m.get("type") == "http.request")
-        error = await run_in_threadpool(self._check, scope, body)  # json.loads of a large body stays off the loop
+        # A body that does not name the script (any JSON spelling of it contains these letters,
+        # unless escaped as \uXXXX) is not parsed at all.
+        error = await run_in_threadpool(self._check, scope, body) if _may_name_script(body) else None
         if error is not None:
             body = error_body(error)
             await send({"type": "http.response.start", "status": error.status_code,

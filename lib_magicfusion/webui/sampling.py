@@ -1,17 +1,17 @@
-"""The sampling hook: the expert's guided prediction on the main model's latent, blended by SNB.
+"""The sampling hook: the experts' guided predictions on the main model's latent, blended by SNB.
 
-The CFGDenoiser callbacks are registered once (`install`) and act only for the generation
-whose `p` the active run was prepared for; the run is replaced at the start of every
-generation, so a failed or interrupted one can never leak into the next.
+The CFGDenoiser callbacks are registered once (`install`) and act only for a generation that
+asked for fusion: each finds its `Generation` on the denoiser's own `p`.
 
 Per denoiser call (A1111's CFGDenoiser.forward):
-  on_cfg_denoiser  plan the call; when the expert is the main checkpoint and the uncond rows
-                   are shared, append the expert's cond rows to the main model's batch;
-  the model call   goes through `Gate`, the main wrapper's stand-in: it raises any error a
-                   hook recorded (the WebUI swallows exceptions in hooks, so this is how a
-                   fusion that cannot happen fails the generation), hands the call to the
-                   expert's model when the expert runs alone, and evaluates the expert's
-                   rows in one batched call beside the main one;
+  on_cfg_denoiser  plan the call (which models this step evaluates); the rows of units that run
+                   on the main checkpoint with the main negative prompt join the main model's
+                   batch (their uncond is the main one);
+  the model call   goes through `Gate`, the main wrapper's stand-in: it raises any error a hook
+                   recorded (the WebUI swallows exceptions in callbacks, so this is how a fusion
+                   that cannot happen fails the generation); it evaluates every other unit once
+                   per call, on its own rows, laid out, padded and batched by the WebUI's own
+                   rules (rows.evaluate); when a unit runs alone, the main model is not called;
   on_cfg_denoised  fuse, and write the fused guided prediction into every row of x_out, so
                    the WebUI's own combine (u + w*s*(c - u)) returns it exactly;
   on_cfg_after_cfg for DDIM CFG++, hand over the fused uncond noise.
@@ -19,27 +19,39 @@ Per denoiser call (A1111's CFGDenoiser.forward):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from modules import prompt_parser, script_callbacks, shared
-from modules.sd_samplers_cfg_denoiser import catenate_conds
 
-from ..fusion import Prediction, SNBFusion, StepPlan, sampling_step
+from ..fusion import Prediction, StepPlan, sampling_step
 from ..params import MagicFusionError
 from ..snb import blend
+from . import networks, rows
+from .generation import Generation, Unit
 
-GENERAL, EXPERT = 0, 1
+GENERAL = 0
 
 
 @dataclass
-class PassConds:
-    """The expert's conditioning for one sampling pass, as the prompt parser schedules it."""
+class UnitCall:
+    """How one unit is evaluated in this call."""
 
-    c: Any   # MulticondLearnedConditioning
-    uc: Any  # list of ScheduledPromptConditioning lists
+    unit: Unit
+    conds_list: Any
+    tensor: Any
+    uncond: Any
+    mode: str                      # reuse: the main rows are its rows | rows: its cond rows ride in the main call | own: a call of its own
+    shares_uncond: bool            # its uncond is the main model's (one checkpoint, one negative prompt)
+    first: int = 0                 # mode rows: its first row in the main call
+    outputs: Optional[rows.Outputs] = None
+
+    @property
+    def n(self) -> int:
+        return rows.n_rows(self.conds_list)
 
 
 @dataclass
@@ -50,48 +62,17 @@ class Call:
     step: int
     batch: int
     main_rows: int
-    x: torch.Tensor
+    x: torch.Tensor                  # per image (B rows)
     sigma: torch.Tensor
     image_cond: torch.Tensor
     skip_uncond: bool
-    expert_conds_list: Any = None
-    expert_tensor: Any = None
-    expert_uncond: Any = None
-    mode: str = "general"            # general | separate | batched | reuse | alone
-    shares_uncond: bool = False      # the expert's uncond rows are the main model's
-    expert_pred: Optional[Prediction] = None
+    units: dict = field(default_factory=dict)   # fusion model index -> UnitCall
+    seen_rows: int = 0               # rows the WebUI sent through the gate in this call
+    deltas: Optional[networks.RowDeltas] = None
 
-
-@dataclass
-class Run:
-    """Everything one generation needs; replaced at the start of each generation."""
-
-    p: Any
-    params: Any = None
-    expert: Any = None                # expert.Expert
-    fusion: Optional[SNBFusion] = None
-    conds: Optional[PassConds] = None
-    active: bool = False              # fusing in the current sampling pass
-    call: Optional[Call] = None
-    wrappers: dict = field(default_factory=dict)
-    batch_masks: list = field(default_factory=list)   # per batch: {step: (B,1,h,w) uint8}
-    cfg_pp_uncond: Optional[torch.Tensor] = None
-    cfg_pp_denoiser: Any = None
-    error: Optional[BaseException] = None
-
-    def fail(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error if isinstance(error, MagicFusionError) else \
-                MagicFusionError(f"fusion failed: {type(error).__name__}: {error}", status_code=500)
-            self.error.__cause__ = error if error is not self.error else None
-
-
-current: Optional[Run] = None
-
-
-def start(run: Optional[Run]) -> None:
-    global current
-    current = run
+    @property
+    def alone(self) -> bool:
+        return GENERAL not in self.plan.models
 
 
 def _space(denoiser) -> str:
@@ -101,10 +82,11 @@ def _space(denoiser) -> str:
 class Gate(torch.nn.Module):
     """Stands in for the main model's wrapper during a MagicFusion generation."""
 
-    def __init__(self, inner: torch.nn.Module, run: Run):
+    def __init__(self, inner: torch.nn.Module, generation: Generation, denoiser):
         super().__init__()
         self.inner = inner
-        self.run = run
+        self.generation = generation
+        self.denoiser = denoiser
 
     def __getattr__(self, name):
         try:
@@ -113,76 +95,80 @@ class Gate(torch.nn.Module):
             return getattr(super().__getattr__("inner"), name)
 
     def forward(self, x, sigma, **kwargs):
-        run = self.run
-        if run.error is not None:
-            raise run.error
-        call = run.call if run is current else None
-        if call is None or not run.active:
+        gen = self.generation
+        if gen.error is not None:
+            raise gen.error
+        call = gen.call
+        if call is None or call.denoiser is not self.denoiser:
             return self.inner(x, sigma, **kwargs)
-        if call.mode == "alone":
-            return _checked(run, lambda: _expert_wrapper(run, call.denoiser)(x, sigma, **kwargs))
-        out = self.inner(x, sigma, **kwargs)
-        if call.mode == "separate" and call.expert_pred is None:
-            call.expert_pred = _checked(run, lambda: _evaluate_expert(run, call))
+        first = call.seen_rows
+        call.seen_rows += x.shape[0]
+        if call.alone:
+            if first == 0:
+                _evaluate_units(gen, call, self.inner)
+            return torch.zeros_like(x)  # not the main model's: on_cfg_denoised writes every row
+        if call.deltas is not None:
+            call.deltas.rows = [(max(u.first, first) - first, min(u.first + u.n, first + x.shape[0]) - first, u.unit.nets)
+                                for u in call.units.values() if u.mode == "rows" and u.unit.nets is not None
+                                and max(u.first, first) < min(u.first + u.n, first + x.shape[0])]
+            with call.deltas:
+                out = self.inner(x, sigma, **kwargs)
+        else:
+            out = self.inner(x, sigma, **kwargs)
+        gen.record.calls[GENERAL] = gen.record.calls.get(GENERAL, 0) + (1 if first == 0 else 0)
+        if first == 0:
+            _evaluate_units(gen, call, self.inner)
         return out
 
 
-def _checked(run: Run, evaluate):
-    """The expert's forward pass: an exception in it, or a non-finite prediction (a corrupt or
+def _checked(gen: Generation, evaluate, field_name: str):
+    """An expert's forward pass: an exception in it, or a non-finite prediction (a corrupt or
     mismatched expert), fails the generation with an error that names MagicFusion."""
     try:
         out = evaluate()
     except MagicFusionError as e:
-        run.fail(e)
+        gen.fail(e)
         raise
     except Exception as e:  # InterruptedException is a BaseException: it passes through
-        run.fail(MagicFusionError(f"the expert's forward pass failed: {type(e).__name__}: {e}", "expert_checkpoint", status_code=500))
-        raise run.error from e
-    tensors = [out] if isinstance(out, torch.Tensor) else [t for t in (out.cond, out.uncond) if t is not None]
+        gen.fail(MagicFusionError(f"the expert's forward pass failed: {type(e).__name__}: {e}", field_name, status_code=500))
+        raise gen.error from e
+    tensors = [t for t in (out.cond, out.uncond) if t is not None]
     sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])  # NaN or inf anywhere shows in its tensor's sum
     if not bool(torch.isfinite(sums).all()):  # one host sync for all of them
-        run.fail(MagicFusionError("the expert produced NaN or infinite values (a corrupt or incompatible checkpoint?)",
-                                  "expert_checkpoint", status_code=500))
-        raise run.error
+        gen.fail(MagicFusionError("the expert produced NaN or infinite values (a corrupt or incompatible checkpoint?)",
+                                  field_name, status_code=500))
+        raise gen.error
     return out
 
 
-def _gate(run: Run, denoiser) -> None:
+def _gate(gen: Generation, denoiser) -> None:
     inner = denoiser.inner_model  # built lazily by the WebUI
-    if not isinstance(inner, Gate) or inner.run is not run:
+    if not isinstance(inner, Gate) or inner.generation is not gen:
         if isinstance(inner, Gate):
             inner = inner.inner
-        denoiser.model_wrap = Gate(inner, run)
+        denoiser.model_wrap = Gate(inner, gen, denoiser)
 
 
-def _expert_wrapper(run: Run, denoiser):
-    """The kind of wrapper the WebUI puts around the main model, for the expert's own parameterization."""
-    wrapper = denoiser.model_wrap.inner if isinstance(denoiser.model_wrap, Gate) else denoiser.inner_model
-    if run.expert.is_main:
-        return wrapper
-    key = type(wrapper).__name__
-    if key not in run.wrappers:
-        model = run.expert.model
-        v = run.expert.parameterization == "v"
+def _wrapper(unit: Unit, denoiser, main_wrapper):
+    """The kind of wrapper the WebUI puts around the main model, for the unit's own model and
+    parameterization."""
+    if unit.expert.is_main:
+        return main_wrapper
+    key = type(main_wrapper).__name__
+    cache = unit.expert.wrappers
+    if key not in cache:
+        model = unit.expert.model
+        v = unit.expert.parameterization == "v"
         if _space(denoiser) == "eps":
             from modules import sd_samplers_timesteps as ts
-            run.wrappers[key] = (ts.CompVisTimestepsVDenoiser if v else ts.CompVisTimestepsDenoiser)(model)
+            cache[key] = (ts.CompVisTimestepsVDenoiser if v else ts.CompVisTimestepsDenoiser)(model)
         elif getattr(model, "create_denoiser", None) is not None:
-            run.wrappers[key] = model.create_denoiser()
+            cache[key] = model.create_denoiser()
         else:
             import k_diffusion
             cls = k_diffusion.external.CompVisVDenoiser if v else k_diffusion.external.CompVisDenoiser
-            run.wrappers[key] = cls(model, quantize=shared.opts.enable_quantization)
-    return run.wrappers[key]
-
-
-def _host_skips_uncond(denoiser, sigma0) -> bool:
-    """The rule CFGDenoiser.forward applies right after on_cfg_denoiser (A1111 1.10)."""
-    opts = shared.opts
-    if opts.skip_early_cond != 0.0 and denoiser.step / denoiser.total_steps <= opts.skip_early_cond:
-        return True
-    s_min_uncond = (getattr(denoiser.sampler, "sampler_extra_args", None) or {}).get("s_min_uncond", 0.0) or 0.0
-    return bool((denoiser.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0 and float(sigma0) < s_min_uncond)
+            cache[key] = cls(model, quantize=shared.opts.enable_quantization)
+    return cache[key]
 
 
 def _main_scale(denoiser) -> float:
@@ -190,18 +176,10 @@ def _main_scale(denoiser) -> float:
     return float(scale) * float(getattr(denoiser, "cond_scale_miltiplier", 1.0))
 
 
-def _expert_scale(run: Run, denoiser) -> float:
-    if run.params.expert_cfg_scale > 0:
-        return run.params.expert_cfg_scale * float(getattr(denoiser, "cond_scale_miltiplier", 1.0))
+def _unit_scale(unit: Unit, denoiser) -> float:
+    if unit.params.cfg_scale > 0:
+        return unit.params.cfg_scale * float(getattr(denoiser, "cond_scale_miltiplier", 1.0))
     return _main_scale(denoiser)
-
-
-def _token_len(cond) -> int:
-    return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[1]
-
-
-def _rows(x, conds_list):
-    return torch.cat([torch.stack([x[i] for _ in range(len(parts))]) for i, parts in enumerate(conds_list)])
 
 
 def _condition(cond, image_cond):
@@ -210,36 +188,37 @@ def _condition(cond, image_cond):
     return {"c_crossattn": [cond], "c_concat": [image_cond]}
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, dict) or isinstance(b, dict):
-        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a.shape == b.shape and torch.equal(a, b)
+def _joined(conds):
+    """Cond batches joined row-wise, as the WebUI hands them on: SDXL's dict conds keep the
+    `shape` its CFG denoiser reads (prompt_parser.DictWithShape)."""
+    out = rows.catenate(conds)
+    return prompt_parser.DictWithShape(out) if isinstance(out, dict) and not isinstance(out, prompt_parser.DictWithShape) else out
 
 
-def _same_layout(a, b) -> bool:
-    return [[(i, float(w)) for i, w in parts] for parts in a] == [[(i, float(w)) for i, w in parts] for parts in b]
-
-
-def _same_repeats(a, b) -> bool:
-    return [len(parts) for parts in a] == [len(parts) for parts in b]
+def _skips(denoiser, sigma0) -> bool:
+    """The WebUI's uncond-skip rule for this call (decided right after on_cfg_denoiser)."""
+    opts = shared.opts
+    s_min_uncond = (getattr(denoiser.sampler, "sampler_extra_args", None) or {}).get("s_min_uncond", 0.0) or 0.0
+    return rows.skip_uncond(denoiser.step, denoiser.total_steps, float(sigma0), skip_early_cond=opts.skip_early_cond,
+                            s_min_uncond=s_min_uncond, s_min_uncond_all=opts.s_min_uncond_all)
 
 
 def on_cfg_denoiser(params: script_callbacks.CFGDenoiserParams) -> None:
-    run = current
     denoiser = params.denoiser
-    if run is None or getattr(denoiser, "p", None) is not run.p:
+    gen = Generation.of(getattr(denoiser, "p", None))
+    if gen is None:
         return
     try:
-        _gate(run, denoiser)
-        run.call = None
-        if run.error is not None or not run.active:
+        _gate(gen, denoiser)
+        gen.call = None
+        if gen.error is not None or not gen.active:
             return
-        run.call = _plan_call(run, params)
+        gen.call = _plan_call(gen, params)
     except Exception as e:  # the gate raises it in the model call that follows
-        run.fail(e)
+        gen.fail(e)
 
 
-def _plan_call(run: Run, params) -> Call:
+def _plan_call(gen: Generation, params) -> Call:
     denoiser = params.denoiser
     uncond = params.text_uncond
     batch = (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0]
@@ -247,113 +226,149 @@ def _plan_call(run: Run, params) -> Call:
     x, sigma, image_cond = params.x[-batch:], params.sigma[-batch:], params.image_cond[-batch:]
     steps = denoiser.steps
     step = sampling_step(denoiser.step, denoiser.total_steps, steps)
-    skip = _host_skips_uncond(denoiser, sigma[0])
-    plan = run.fusion.plan(step, steps, uncond_skipped=skip)
+    skip = _skips(denoiser, sigma[0])
+    plan = gen.fusion.plan(step, steps, uncond_skipped=skip)
     conds_list, _ = prompt_parser.reconstruct_multicond_batch(denoiser.sampler.sampler_extra_args["cond"], denoiser.step)
     call = Call(denoiser, conds_list, plan, step, batch, main_rows, x, sigma, image_cond, skip)
-    if EXPERT not in plan.models:
-        return call
-    e_conds_list, tensor = prompt_parser.reconstruct_multicond_batch(run.conds.c, denoiser.step)
-    e_uncond = prompt_parser.reconstruct_cond_batch(run.conds.uc, denoiser.step)
-    if len(e_conds_list) != batch:
-        raise MagicFusionError(f"the expert prompts cover {len(e_conds_list)} images, the batch has {batch}", "expert_prompt")
-    call.expert_conds_list, call.expert_tensor, call.expert_uncond = e_conds_list, tensor, e_uncond
-    call.mode = "separate"
-    shares_uncond = call.shares_uncond = run.expert.is_main and _same(e_uncond, params.text_uncond)
-    if plan.models == (EXPERT,) and _same_repeats(e_conds_list, conds_list):
-        # The expert runs alone: the main model is not evaluated at all.
-        call.mode = "alone"
-        params.text_cond, params.text_uncond = tensor, e_uncond
-    elif shares_uncond and _same_layout(e_conds_list, conds_list) and _same(tensor, params.text_cond):
-        call.mode = "reuse"  # the same model with the same prompts: its rows are the main rows
-    elif shares_uncond and _token_len(tensor) == _token_len(params.text_cond):
-        # One model, two prompts, one negative prompt: the expert's cond rows join the main call.
-        call.mode = "batched"
-        params.x = torch.cat([params.x[:main_rows], _rows(x, e_conds_list), params.x[main_rows:]])
-        params.sigma = torch.cat([params.sigma[:main_rows], _rows(sigma, e_conds_list), params.sigma[main_rows:]])
-        params.image_cond = torch.cat([params.image_cond[:main_rows], _rows(image_cond, e_conds_list), params.image_cond[main_rows:]])
-        params.text_cond = _joined([params.text_cond, tensor])
+    record = gen.record
+    record.skipped_calls += int(skip)
+    if plan.fuse:
+        record.fused_steps.add(step)
+    cond_rows = main_rows
+    with_deltas = []
+    for m in plan.models:
+        if m == GENERAL:
+            continue
+        unit = gen.units[m - 1]
+        e_conds_list, tensor = prompt_parser.reconstruct_multicond_batch(unit.conds.c, denoiser.step)
+        e_uncond = prompt_parser.reconstruct_cond_batch(unit.conds.uc, denoiser.step)
+        if len(e_conds_list) != batch:
+            raise MagicFusionError(f"the expert prompts cover {len(e_conds_list)} images, the batch has {batch}", unit.field("prompt"))
+        shares = unit.expert.is_main and rows.same_cond(e_uncond, params.text_uncond)
+        uc = UnitCall(unit, e_conds_list, tensor, e_uncond, mode="own", shares_uncond=shares and not call.alone)
+        if uc.shares_uncond and unit.same_networks_as_main(gen.main_nets) and rows.same_layout(e_conds_list, conds_list) \
+                and rows.same_cond(tensor, prompt_parser_tensor(params.text_cond, main_rows)):
+            uc.mode = "reuse"  # the same model with the same prompts and networks: its rows are the main rows
+        elif uc.shares_uncond and rows.token_len(tensor) == rows.token_len(params.text_cond):
+            # One model, another prompt, one negative prompt: its cond rows join the main call.
+            uc.mode, uc.first = "rows", cond_rows
+            params.x = torch.cat([params.x[:cond_rows], rows.repeat_rows(x, e_conds_list), params.x[cond_rows:]])
+            params.sigma = torch.cat([params.sigma[:cond_rows], rows.repeat_rows(sigma, e_conds_list), params.sigma[cond_rows:]])
+            params.image_cond = torch.cat([params.image_cond[:cond_rows], rows.repeat_rows(image_cond, e_conds_list),
+                                           params.image_cond[cond_rows:]])
+            params.text_cond = _joined([params.text_cond, tensor])
+            cond_rows += uc.n
+            if not unit.same_networks_as_main(gen.main_nets):
+                with_deltas.append(unit)
+        call.units[m] = uc
+    if with_deltas:
+        call.deltas = networks.RowDeltas(shared.sd_model, gen.main_nets or [], [u.nets for u in with_deltas])
     return call
 
 
-def _joined(conds):
-    """Cond batches joined row-wise, as the WebUI hands them on: SDXL's dict conds keep the
-    `shape` its CFG denoiser reads (prompt_parser.DictWithShape)."""
-    out = catenate_conds(conds)
-    return prompt_parser.DictWithShape(out) if isinstance(out, dict) else out
+def prompt_parser_tensor(text_cond, n: int):
+    """The first n rows of a (joined) cond batch."""
+    return rows.subscript(text_cond, 0, n)
 
 
-def _evaluate_expert(run: Run, call: Call) -> Prediction:
-    """The expert's cond (and uncond) rows on the same latent and noise level, in one call."""
-    wrapper = _expert_wrapper(run, call.denoiser)
-    scale = _expert_scale(run, call.denoiser)
-    x_rows, s_rows = _rows(call.x, call.expert_conds_list), _rows(call.sigma, call.expert_conds_list)
-    i_rows = _rows(call.image_cond, call.expert_conds_list)
-    n = x_rows.shape[0]
-    tensor, uncond = call.expert_tensor, call.expert_uncond
-    if call.skip_uncond or call.shares_uncond:  # a shared uncond is filled in from the main rows once they exist
-        out = wrapper(x_rows, s_rows, cond=_condition(tensor, i_rows))
-        return Prediction(out, None, call.expert_conds_list, scale)
-    if _token_len(tensor) == _token_len(uncond):
-        out = wrapper(torch.cat([x_rows, call.x]), torch.cat([s_rows, call.sigma]),
-                      cond=_condition(catenate_conds([tensor, uncond]), torch.cat([i_rows, call.image_cond])))
-        return Prediction(out[:n], out[n:], call.expert_conds_list, scale)
-    cond_out = wrapper(x_rows, s_rows, cond=_condition(tensor, i_rows))
-    uncond_out = wrapper(call.x, call.sigma, cond=_condition(uncond, call.image_cond))
-    return Prediction(cond_out, uncond_out, call.expert_conds_list, scale)
+def _evaluate_units(gen: Generation, call: Call, main_wrapper) -> None:
+    """Every unit of this call that needs a model call of its own, once per denoiser call."""
+    opts = shared.opts
+    for m, uc in call.units.items():
+        if uc.mode != "own":
+            continue
+        unit = uc.unit
+        wrapper = _wrapper(unit, call.denoiser, main_wrapper)
+        skip = call.skip_uncond or uc.shares_uncond  # a shared uncond comes from the main rows
+        tensor, uncond = rows.pad(uc.tensor, uc.uncond, unit.expert.empty_cond, v0=opts.pad_cond_uncond_v0,
+                                  pad_cond_uncond=opts.pad_cond_uncond)
+
+        def evaluate(wrapper=wrapper, tensor=tensor, uncond=uncond, skip=skip, uc=uc):
+            return rows.evaluate(wrapper, call.x, call.sigma, call.image_cond, tensor, uncond, uc.conds_list, skip=skip,
+                                 batch_cond_uncond=opts.batch_cond_uncond, make_condition=_condition)
+
+        with _networks_for(gen, call, uc):
+            uc.outputs = _checked(gen, evaluate, unit.field("checkpoint"))
+        gen.record.calls[m] = gen.record.calls.get(m, 0) + 1
+
+
+def _networks_for(gen: Generation, call: Call, uc: UnitCall):
+    """The unit's networks around its own call: a model of its own, or the main model with all
+    rows the unit's (alone), holds the unit's set; the main model inside a fused step keeps the
+    main set and takes the difference on the unit's rows."""
+    unit = uc.unit
+    if unit.nets is None or not unit.expert.is_main:
+        return networks.using(unit.net_list)
+    if call.alone:
+        gen.main_flipped = True
+        return networks.using(unit.net_list)
+    deltas = networks.RowDeltas(shared.sd_model, gen.main_nets or [], [unit.nets])
+    deltas.rows = [(0, 10 ** 9, unit.nets)]
+    return deltas
 
 
 def on_cfg_denoised(params: script_callbacks.CFGDenoisedParams) -> None:
-    run = current
-    call = run.call if run is not None else None
+    gate = params.inner_model
+    gen = gate.generation if isinstance(gate, Gate) else None
+    call = gen.call if gen is not None else None
     if call is None:
         return
-    run.call = None
+    gen.call = None
     try:
-        _fuse_rows(run, call, params.x)
+        webui_skipped = call.seen_rows == params.x.shape[0] - call.batch
+        gen.record.skip_mismatches += int(webui_skipped != call.skip_uncond)
+        _fuse_rows(gen, call, params.x)
     except Exception as e:
-        run.fail(e)
+        gen.fail(e)
         params.x[:] = float("nan")  # fails this generation at the WebUI's NaN check; the gate fails the next call
 
 
-def _fuse_rows(run: Run, call: Call, x_out: torch.Tensor) -> None:
+def _fuse_rows(gen: Generation, call: Call, x_out: torch.Tensor) -> None:
     if call.plan.models == (GENERAL,):
         return  # the WebUI's own result, untouched
-    denoiser, batch, rows = call.denoiser, call.batch, call.main_rows
-    main_uncond = None if call.skip_uncond else x_out[-batch:]
-    main = Prediction(x_out[:rows], main_uncond, call.conds_list, _main_scale(denoiser))
-    if call.mode in ("alone", "reuse", "batched"):  # the expert's rows are in x_out
-        first = rows if call.mode == "batched" else 0
-        n = sum(len(parts) for parts in call.expert_conds_list)
-        expert = Prediction(x_out[first:first + n], main_uncond, call.expert_conds_list, _expert_scale(run, denoiser))
-        if call.mode == "alone":
-            main = None
-    else:
-        expert = call.expert_pred
-        if expert is None:
-            raise MagicFusionError("the expert was not evaluated for this step")
-        if call.shares_uncond:
-            expert.uncond = main_uncond
+    denoiser, batch, main_rows = call.denoiser, call.batch, call.main_rows
+    main_uncond = None if call.skip_uncond or call.alone else x_out[-batch:]
+    preds: list = [None] * gen.fusion.n_models
+    if not call.alone:
+        preds[GENERAL] = Prediction(x_out[:main_rows], main_uncond, call.conds_list, _main_scale(denoiser))
+    for m, uc in call.units.items():
+        scale = _unit_scale(uc.unit, denoiser)
+        if uc.mode == "reuse":
+            preds[m] = Prediction(x_out[:main_rows], main_uncond, uc.conds_list, scale)
+        elif uc.mode == "rows":
+            preds[m] = Prediction(x_out[uc.first:uc.first + uc.n], main_uncond, uc.conds_list, scale)
+        else:
+            if uc.outputs is None:
+                raise MagicFusionError("the expert was not evaluated for this step", uc.unit.field("checkpoint"))
+            preds[m] = Prediction(uc.outputs.cond, main_uncond if uc.shares_uncond else uc.outputs.uncond, uc.conds_list, scale)
     space = _space(denoiser)
-    result = run.fusion.combine(call.plan, [main, expert], space, call.sigma if space == "x0" else None, step=call.step)
+    region = None if getattr(denoiser, "mask", None) is None else denoiser.nmask
+    result = gen.fusion.combine(call.plan, preds, space, call.sigma if space == "x0" else None, step=call.step, region=region)
     fused = result.denoised.to(x_out.dtype)
     if getattr(denoiser, "need_last_noise_uncond", False):
         # DDIM CFG++ steers with the uncond noise: hand it the fused one (before the rows,
         # which the predictions view, are overwritten).
-        e_uncond = expert.reference_uncond().to(fused.dtype)
-        run.cfg_pp_uncond = e_uncond.clone() if result.mask is None else blend([main.reference_uncond(), e_uncond], result.mask)
-        run.cfg_pp_denoiser = denoiser
+        unconds = [p.reference_uncond().to(fused.dtype) if p is not None else None for p in preds]
+        if result.mask is None:
+            fused_uncond = unconds[call.plan.models[0]].clone()
+        else:
+            fused_uncond = blend(unconds, result.mask)
+        _cfg_pp.pending = (denoiser, fused_uncond)
     # Every row of image i becomes its fused prediction: u + w*s*(F - F) == F exactly. The
     # cond rows are laid out as the WebUI built x_in: image by image, its rows together.
-    x_out[:rows] = _rows(fused, call.conds_list)
+    x_out[:main_rows] = rows.repeat_rows(fused, call.conds_list)
     x_out[-batch:] = fused
 
 
+_cfg_pp = threading.local()  # on_cfg_denoised -> on_cfg_after_cfg of the same denoiser call, on the same thread
+
+
 def on_cfg_after_cfg(params: script_callbacks.AfterCFGCallbackParams) -> None:
-    run = current
-    if run is not None and run.cfg_pp_uncond is not None:
-        run.cfg_pp_denoiser.last_noise_uncond = run.cfg_pp_uncond
-        run.cfg_pp_uncond = run.cfg_pp_denoiser = None
+    pending = getattr(_cfg_pp, "pending", None)
+    if pending is not None:
+        denoiser, uncond = pending
+        denoiser.last_noise_uncond = uncond
+        _cfg_pp.pending = None
 
 
 def install() -> None:

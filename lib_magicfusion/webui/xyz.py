@@ -1,15 +1,24 @@
-"""X/Y/Z plot axes. Overrides travel on p as p.magicfusion_<field>, since the grid shares
-script args across its cells; `extension.parse` reads them back."""
+"""X/Y/Z plot axes. Overrides travel on p as p.magicfusion_<flat name>, since the grid shares
+script args across its cells; `extension.parse` reads them back (an axis over a unit's field
+turns that unit on)."""
 
 from __future__ import annotations
 
 from modules import scripts
 
-from ..params import FIELDS
+from ..params import MAX_UNITS, Spec, specs
 from .expert import checkpoint_titles
 from .extension import XYZ_PREFIX
 
 LABEL = "[MagicFusion] "
+
+
+def axis_label(s: Spec) -> str:
+    """Unit 1 keeps the first release's labels ("Expert checkpoint"); unit n says "Expert n …"."""
+    if s.unit is None or s.unit == 0:
+        return LABEL + s.label
+    n = s.unit + 1
+    return LABEL + (f"k expert {n}" if s.attr == "k" else s.label.replace("Expert", f"Expert {n}", 1))
 
 
 def _xyz_module():
@@ -25,17 +34,16 @@ def register() -> None:
     if xyz is None:
         return
     existing = {getattr(axis, "label", "") for axis in xyz.axis_options}
-    for f in FIELDS:
-        if not f.metadata["xyz"]:
+    for s in specs(MAX_UNITS):
+        label = axis_label(s)
+        if not s.xyz or label in existing:
             continue
-        label = LABEL + f.metadata["label"]
-        if label in existing:
-            continue
-        if f.name == "expert_checkpoint":
-            axis = xyz.AxisOption(label, str, xyz.apply_field(XYZ_PREFIX + f.name), format_value=xyz.format_remove_path,
-                                  confirm=xyz.confirm_checkpoints, cost=1.0,
-                                  choices=checkpoint_titles)
+        if s.attr == "checkpoint":
+            axis = xyz.AxisOption(label, str, xyz.apply_field(XYZ_PREFIX + s.name), format_value=xyz.format_remove_path,
+                                  confirm=xyz.confirm_checkpoints, cost=1.0, choices=checkpoint_titles)
+        elif s.kind == "choice":
+            axis = xyz.AxisOption(label, str, xyz.apply_field(XYZ_PREFIX + s.name), choices=lambda s=s: list(s.choices))
         else:
-            kind = {"float": float, "int": int, "str": str}[f.metadata["kind"]]
-            axis = xyz.AxisOption(label, kind, xyz.apply_field(XYZ_PREFIX + f.name))
+            kind = {"float": float, "int": int, "str": str}[s.kind]
+            axis = xyz.AxisOption(label, kind, xyz.apply_field(XYZ_PREFIX + s.name))
         xyz.axis_options.append(axis)

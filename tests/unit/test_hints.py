@@ -1,7 +1,7 @@
 """javascript/magicfusion-hints.js must hold exactly the params model's hints.
 
 The WebUI shows a control's hint as a tooltip through hints.js's `titles` map, keyed by the
-label text. The JS file is written by hand, so this test ties it to FusionParams: every field's
+label text. The JS file is written by hand, so this test ties it to the params specs: every control's
 `label` maps to exactly its `hint`, and nothing else is in the map except the accordion header
 "MagicFusion", which carries the hint of `enabled`, and the buttons of params.BUTTON_HINTS.
 """
@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from lib_magicfusion.params import BUTTON_HINTS, FIELDS
+from lib_magicfusion.params import BUTTON_HINTS, GLOBAL_SPECS, UNIT_FIELDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JS_PATH = os.path.join(REPO, "javascript", "magicfusion-hints.js")
@@ -24,9 +24,14 @@ BLOCK = re.compile(r"/\* BEGIN MAGICFUSION HINTS \*/(.*?)/\* END MAGICFUSION HIN
 ACCORDION_LABEL = "MagicFusion"  # the InputAccordion's header in lib_magicfusion/webui/ui.py
 
 
+def labelled() -> list[tuple[str, str]]:
+    """(label, hint) of every control: the global fields, and the unit fields (the same in every unit tab)."""
+    return [(s.label, s.hint) for s in GLOBAL_SPECS] + [(label, hint) for _, _, label, _, _, hint, *_ in UNIT_FIELDS]
+
+
 def expected() -> dict[str, str]:
-    hints = {f.metadata["label"]: f.metadata["hint"] for f in FIELDS}
-    hints[ACCORDION_LABEL] = next(f for f in FIELDS if f.name == "enabled").metadata["hint"]
+    hints = dict(labelled())
+    hints[ACCORDION_LABEL] = next(s for s in GLOBAL_SPECS if s.name == "enabled").hint
     hints.update(BUTTON_HINTS)
     return hints
 
@@ -51,7 +56,7 @@ def parsed() -> dict[str, str]:
 
 
 def test_labels_are_unique():
-    labels = [f.metadata["label"] for f in FIELDS]
+    labels = [label for label, _ in labelled()]
     assert len(labels) == len(set(labels)), "two fields share a label: hints.js could not tell them apart"
     assert ACCORDION_LABEL not in labels
 

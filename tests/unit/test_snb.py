@@ -143,3 +143,25 @@ def test_bad_inputs_name_magicfusion():
     with pytest.raises(ValueError, match="differ in shape"):
         snb.fusion_mask([torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 9)], [1.0, 1.0])
     assert not math.isnan(float(snb.saliency(torch.zeros(1, 4, 8, 8), 1.0).sum()))
+
+
+def test_a_region_confines_the_decision_to_the_area_being_generated():
+    """Inpainting: who wins inside the region depends only on the guidance terms inside it (the
+    saliency outside counts as zero, and the softmax runs over the region); outside it the
+    general model wins; no region is exactly the official decision."""
+    g = torch.Generator().manual_seed(3)
+    deltas = torch.randn(2, 2, 4, 16, 16, generator=g, dtype=torch.float64)
+    temps = snb.k_column((1.0, 1.3), torch.float64, deltas.device)
+    region = torch.zeros(1, 1, 16, 16, dtype=torch.float64)
+    region[..., 4:12, 3:11] = 1.0
+    inside = region.bool().expand(2, 1, 16, 16)
+    mask = torch.argmax(snb.stacked_saliency(deltas, temps, 4, region), dim=0)
+    changed = deltas.clone()
+    changed[..., :, :3] = torch.randn(2, 2, 4, 16, 3, generator=g, dtype=torch.float64) * 50  # the kept area only
+    again = torch.argmax(snb.stacked_saliency(changed, temps, 4, region), dim=0)
+    assert torch.equal(mask[inside], again[inside])
+    assert not mask[~inside].any()  # ties outside: the general model
+    assert mask[inside].any() and not mask[inside].all()
+    without = torch.argmax(snb.stacked_saliency(changed, temps, 4), dim=0)
+    assert not torch.equal(without[inside], mask[inside])  # without the region the kept area pulls on the decision
+    assert torch.equal(snb.stacked_saliency(deltas, temps, 4, torch.zeros(2, 1, 16, 16)), snb.stacked_saliency(deltas, temps, 4))

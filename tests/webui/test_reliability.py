@@ -35,13 +35,15 @@ from hypothesis import strategies as st  # noqa: E402
 HERE = os.path.dirname(os.path.realpath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
-from lib_magicfusion.params import FIELD_NAMES, FIELDS, FusionParams  # noqa: E402  (pure Python)
+from lib_magicfusion.params import MAX_UNITS, FusionParams, flat_names, spec, specs  # noqa: E402  (pure Python)
 
 MAIN, EXPERT, V_EXPERT = "tiny-eps-a", "tiny-eps-b", "tiny-v"
 PROMPT = "a photo of a cat, sharp focus"
+UNITS = 2  # the test bed's UI shows the default two unit tabs
+FIELD_NAMES = flat_names(UNITS)  # the UI's positional layout
 N = len(FIELD_NAMES)
-SPEC = {f.name: f.metadata for f in FIELDS}
-DEFAULTS = FusionParams().to_args()
+VALID_LENGTHS = {15} | {len(specs(n)) for n in range(1, MAX_UNITS + 1)}  # the first release's layout, and 1-4 units
+DEFAULTS = FusionParams().to_args(UNITS)
 EVERY_FAILURE: list[tuple[str, int]] = []  # (what, status) of every intended error, for the summary
 
 
@@ -228,20 +230,20 @@ def test_script_name_is_matched_like_the_webui_does(webui, refs):
 
 def _bad_value(name):
     """Values of the wrong type, non-finite or out of range for one field."""
-    m = SPEC[name]
-    kind = m["kind"]
+    m = spec(name)
+    kind = m.kind
     junk = st.one_of(st.none(), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=1))
     if kind == "bool":
         return st.one_of(junk, st.integers(), st.floats(allow_nan=True), st.text(max_size=8))
     if kind == "choice":
-        return st.one_of(junk, st.integers(), st.text(max_size=12).filter(lambda v: v not in m["choices"]))
-    if kind == "str":  # only the expert's name can be a bad string; the prompts take any text
+        return st.one_of(junk, st.integers(), st.text(max_size=12).filter(lambda v: v not in m.choices))
+    if kind == "str":  # only an enabled expert's name can be a bad string; the prompts take any text
         bad = st.one_of(junk, st.integers(), st.booleans())
-        if name == "expert_checkpoint":
+        if name == "expert_checkpoint":  # unit 1, on by default
             bad = st.one_of(bad, st.builds(lambda a, b: a + b, st.sampled_from(["../", "/", "~/", "C:\\", "http://", "no-such-"]),
                                            st.text(alphabet="abcxyz./-_", max_size=12)))
         return bad
-    lo, hi = m["lo"], m["hi"]
+    lo, hi = m.lo, m.hi
     ok = (lambda v: lo <= v <= hi and float(v).is_integer()) if kind == "int" else (lambda v: lo <= v <= hi)
     return st.one_of(junk, st.booleans(), st.text(max_size=6), st.floats(allow_nan=True).filter(lambda v: not ok(v)),
                      st.integers(min_value=-10**30, max_value=10**30).filter(lambda v: not ok(v)))
@@ -255,14 +257,13 @@ def malformed(draw):
         key = draw(st.text(min_size=1, max_size=12).filter(lambda k: k not in FIELD_NAMES and k != "infotext"))
         return _named(**{key: draw(st.integers())}), key
     if form == "length":
-        n = draw(st.integers(min_value=1, max_value=2 * N).filter(lambda n: n != N))
+        n = draw(st.integers(min_value=1, max_value=2 * N).filter(lambda n: n not in VALID_LENGTHS))
         return {"args": (_positional()["args"] * 2)[:n]}, "args"
     if form == "window":
         end = draw(st.floats(min_value=0.0, max_value=0.99))
         start = draw(st.floats(min_value=end, max_value=1.0).filter(lambda s: s > end))
         return _named(fusion_start=start, fusion_end=end), "fusion_start"
-    name = draw(st.sampled_from([n for n in FIELD_NAMES if n not in ("expert_prompt", "expert_negative_prompt")]
-                                + ["expert_prompt"]))
+    name = draw(st.sampled_from([n for n in FIELD_NAMES if spec(n).attr not in ("prompt", "negative_prompt")] + ["expert_prompt"]))
     value = draw(_bad_value(name))
     return (_named if form == "named" else _positional)(**{name: value}), name
 
