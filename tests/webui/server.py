@@ -28,7 +28,9 @@ Environment variables:
 The server always runs offline (``--skip-prepare-environment``, ``HF_HUB_OFFLINE=1``,
 ``TRANSFORMERS_OFFLINE=1``, a private ``HF_HOME``), bound to 127.0.0.1 on a free port,
 with a private ``--data-dir``. The repo is linked into that data dir's ``extensions/``
-(A1111 reads extensions from ``<data-dir>/extensions``), so the install is not modified.
+(A1111 reads extensions from ``<data-dir>/extensions``), so the install is not modified, and
+the test bed's helper extension (``testbed_extension/``: the fixtures' open_clip config, a
+nested-generation script and inspection routes) is installed next to it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ from typing import Any, ClassVar
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 EXTENSION_NAME = "sd-webui-magicfusion"
+TESTBED_NAME = "magicfusion-testbed"
+TESTBED_SOURCE = os.path.join(HERE, "testbed_extension")
+TESTBED_MARKER = ".magicfusion-testbed-copy"  # marks a copy that install_testbed may replace
 GENERATOR = os.path.join(HERE, "make_fixtures.py")
 
 ENV_DIR = "MAGICFUSION_WEBUI_DIR"
@@ -66,7 +71,9 @@ ENV_KEEP = "MAGICFUSION_WEBUI_KEEP"
 
 DEFAULT_STARTUP_TIMEOUT = 300.0  # a cold start on a 2-core machine takes ~10 s; be generous
 FIXTURE_TIMEOUT = 900.0
-CHECKPOINTS = ("tiny-eps-a", "tiny-eps-b", "tiny-v", "tiny-xl-a", "tiny-xl-b")
+CHECKPOINTS = ("tiny-eps-a", "tiny-eps-b", "tiny-eps-b-vae2", "tiny-sd2-v", "tiny-v", "tiny-xl-a", "tiny-xl-b",
+               "tiny-zz-big")
+MAIN_CHECKPOINT = "tiny-eps-a"  # the one the WebUI starts with: the first by name
 
 WEBUI_FLAGS = [
     "--skip-prepare-environment",  # no git clones / pip installs: required offline
@@ -175,6 +182,29 @@ def link_extension(extensions_dir: str, repo_root: str = REPO_ROOT) -> str:
     return link
 
 
+def install_testbed(extensions_dir: str, source: str = TESTBED_SOURCE) -> str:
+    """Put the test bed's helper extension at ``extensions_dir/magicfusion-testbed``.
+
+    It is copied, not linked: a link would resolve into this repo, and the product counts every
+    WebUI callback registered from a file under its own root as its own (the "callbacks" of
+    GET /magicfusion/v1/status). A stale link or an earlier copy there is replaced; any other
+    real directory there is an error, never deleted."""
+    os.makedirs(extensions_dir, exist_ok=True)
+    dst = os.path.join(extensions_dir, TESTBED_NAME)
+    if os.path.islink(dst):
+        os.unlink(dst)
+    elif os.path.isdir(dst):
+        if not os.path.isfile(os.path.join(dst, TESTBED_MARKER)):
+            raise WebUIStartError(f"{dst} exists and is not a test-bed copy; remove it or use another data dir")
+        shutil.rmtree(dst)
+    elif os.path.exists(dst):
+        raise WebUIStartError(f"{dst} exists and is not a directory")
+    shutil.copytree(source, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    with open(os.path.join(dst, TESTBED_MARKER), "w") as f:
+        f.write(os.path.realpath(source) + "\n")
+    return dst
+
+
 def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
@@ -229,12 +259,14 @@ class WebUIServer:
                  extension: bool = True, port: int | None = None,
                  startup_timeout: float | None = None, log=print, *,
                  ui: bool = False, ckpt_dir: str | None = None, extra_args: tuple[str, ...] = (),
-                 api_auth: str | None = None):
+                 api_auth: str | None = None, testbed: bool = True):
         """``ui=True`` serves the Gradio page too (no ``--nowebui``; still 127.0.0.1 only).
         ``ckpt_dir`` replaces the shared fixture checkpoint dir (e.g. a private dir of links, so
         a test may add checkpoints without touching the cache). ``extra_args`` are appended
         to the launch flags (e.g. ``--ui-config-file``). ``api_auth`` (``"user:pass"``) starts the
-        WebUI with ``--api-auth``; the ready check and ``WebUIClient`` then send those credentials."""
+        WebUI with ``--api-auth``; the ready check and ``WebUIClient`` then send those credentials.
+        ``testbed=False`` leaves out the test bed's helper extension; the SD2 and SDXL fixtures
+        then cannot load (nothing registers their open_clip config)."""
         if webui_dir is None or python is None:
             d, p = find_install()
             webui_dir, python = webui_dir or d, python or p
@@ -248,6 +280,7 @@ class WebUIServer:
         self.ckpt_dir = ckpt_dir
         self.extra_args = tuple(extra_args)
         self.api_auth = api_auth
+        self.testbed = testbed
         self.proc: subprocess.Popen | None = None
         self.data_dir: str | None = None
         self.fixtures_dir: str | None = None
@@ -271,6 +304,8 @@ class WebUIServer:
         os.makedirs(hf_home)
         if self.extension:
             link_extension(os.path.join(self.data_dir, "extensions"))
+        if self.testbed:
+            install_testbed(os.path.join(self.data_dir, "extensions"))
         self.log_path = os.path.join(self.data_dir, "webui.log")
         atexit.register(self.stop)
         self._install_sigterm()
@@ -300,7 +335,13 @@ class WebUIServer:
             env.pop(k, None)  # the test runner's environment must not leak into the WebUI's
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    HF_HOME=hf_home, DO_NOT_TRACK="1", GRADIO_ANALYTICS_ENABLED="False",
-                   PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+                   PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
+                   # libgomp's threads spin-wait for work by default: on a busy 2-core machine
+                   # that makes a tiny image about 100x slower
+                   OMP_WAIT_POLICY="PASSIVE")
+        openclip = os.path.join(self.fixtures_dir, "open_clip")
+        if os.path.isdir(openclip):  # the testbed extension registers it with open_clip
+            env["MAGICFUSION_TESTBED_OPENCLIP"] = openclip
         self.url = f"http://127.0.0.1:{port}"
         self.log(f"[webui] starting {self.webui_dir} on {self.url} (log: {self.log_path})")
         logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
@@ -511,6 +552,19 @@ class WebUIClient:
         assert r.status_code == 200, r.text
         return r.json()
 
+    def testbed(self, route: str, **params) -> dict[str, Any]:
+        """GET /magicfusion-testbed/v1/<route> of the test bed's helper extension (main-weights,
+        loaded-networks, rss, model, conditioning, nested); `params` become the query."""
+        r = self.get(f"/magicfusion-testbed/v1/{route}", params=params)
+        assert r.status_code == 200, f"GET {route} -> {r.status_code}: {r.text[:2000]}"
+        return r.json()
+
+    @staticmethod
+    def nested(**fields) -> dict[str, Any]:
+        """The ``alwayson_scripts`` entry that asks the test bed's script for a nested generation
+        (see tests/webui/testbed_extension): ``{"MagicFusion testbed": {"args": [{"nested": fields}]}}``."""
+        return {"MagicFusion testbed": {"args": [{"nested": fields}]}}
+
     @staticmethod
     def encode_png(arr) -> str:
         import numpy as np
@@ -543,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixtures", action="store_true", help="only build (or find) the fixtures and print their dir")
     ap.add_argument("--smoke", action="store_true", help="start, generate one image, stop")
     ap.add_argument("--no-extension", action="store_true", help="do not link this repo as an extension")
+    ap.add_argument("--no-testbed", action="store_true",
+                    help="leave out the test bed's helper extension (the SD2/SDXL fixtures then cannot load)")
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--ui", action="store_true", help="serve the Gradio page too (still only on 127.0.0.1)")
     args = ap.parse_args(argv)
@@ -554,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fixtures:
         print(ensure_fixtures(webui_dir, python))
         return 0
-    srv = WebUIServer(webui_dir, python, extension=not args.no_extension, port=args.port, ui=args.ui)
+    srv = WebUIServer(webui_dir, python, extension=not args.no_extension, port=args.port, ui=args.ui,
+                      testbed=not args.no_testbed)
     try:
         srv.start()
         if args.smoke:
