@@ -1,7 +1,7 @@
 """Finding, loading, caching and freeing expert checkpoints inside the A1111 WebUI.
 
 An expert is resolved only among the WebUI's installed checkpoints and read only through the
-WebUI's own reader (safetensors, or its restricted unpickler). It is built with the WebUI's
+WebUI's own checkpoint reader (sd_models.get_checkpoint_state_dict). It is built with the WebUI's
 own config detection, model classes and dtype rules, but never through `sd_models.load_model`,
 which would make it the main model for a while (other threads would see `shared.sd_model`
 become None or the expert, and settings, VAE and hijack state change). Nothing global is
@@ -155,10 +155,12 @@ def check_compatible(main, expert: Expert, *, text_encoder: str, field_name: str
         encoder = model
     width, vector = _cond_widths(empty_cond(encoder, None if encoder is main else []))
     context, adm = _unet_widths(model)
+    blame = encoder_field if encoder is main else field_name  # the main model's encoder was asked for, or the file is inconsistent
+    whose = "the main model's text encoder" if encoder is main else "its own text encoder"
     if context is not None and width != context:
-        raise MagicFusionError(f"the text encoder gives {width}-wide embeddings but the expert's UNet expects {context}", encoder_field)
+        raise MagicFusionError(f"{whose} gives {width}-wide embeddings but the expert's UNet expects {context}", blame)
     if adm is not None and vector is not None and vector != adm:
-        raise MagicFusionError(f"the conditioning vector is {vector} wide but the expert's UNet expects {adm}", encoder_field)
+        raise MagicFusionError(f"{whose} gives a {vector}-wide conditioning vector but the expert's UNet expects {adm}", blame)
 
 
 def empty_cond(model, nets=None):
@@ -353,25 +355,29 @@ class ExpertCache:
         with LOCK:
             return list(self.experts.values())
 
-    def settle(self, keep: int, idle_minutes: float, lock: Callable[[], Any]) -> None:
-        """After a generation: trim to `keep` resident experts (0 = none) and arm the idle timer,
-        which frees them all after `idle_minutes` without fusion (0 = never). The timer takes
-        `lock()` (the WebUI's queue lock), so it never frees an expert under a generation."""
+    def trim(self, keep: int) -> None:
+        """Keep at most `keep` experts resident (0 = none), the most recently used ones."""
         with LOCK:
             while len(self.experts) > max(0, keep):
                 self.unload(next(iter(self.experts)))
+
+    def arm_idle_timer(self, idle_minutes: float, lock: Callable[[], Any]) -> None:
+        """Free every expert after `idle_minutes` without fusion (0 = never). The timer takes
+        `lock()` (the WebUI's queue lock), so it never frees an expert under a generation."""
+        with LOCK:
             self.touch()
-            if idle_minutes > 0 and self.experts:
-                stamp = self.last_used
+            if idle_minutes <= 0 or not self.experts:
+                return
+            stamp = self.last_used
 
-                def fire():
-                    with lock():
-                        if self.last_used == stamp:
-                            self.unload()
+            def fire():
+                with lock():
+                    if self.last_used == stamp:
+                        self.unload()
 
-                self._timer = threading.Timer(idle_minutes * 60, fire)
-                self._timer.daemon = True
-                self._timer.start()
+            self._timer = threading.Timer(idle_minutes * 60, fire)
+            self._timer.daemon = True
+            self._timer.start()
 
     def on_main_changed(self, main) -> None:
         """A new main model: free experts that duplicate it or can no longer fuse with it."""

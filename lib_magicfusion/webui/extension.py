@@ -62,6 +62,8 @@ def process(p, args: Sequence[Any]) -> None:
         _failed(p, MagicFusionError("WebUI Forge is not supported yet; use AUTOMATIC1111 1.10", "enabled"))
         return
     experts.cache.touch()
+    # A generation that failed skipped postprocess: the bound holds before anything new loads.
+    experts.cache.trim(resident_bound())
     Generation.start(p, params)
 
 
@@ -98,11 +100,16 @@ def postprocess(p, processed) -> None:
         settle()
 
 
+def resident_bound() -> int:
+    opts = shared.opts.data
+    return int(opts.get("magicfusion_max_resident_experts", 2)) if opts.get("magicfusion_keep_expert_loaded", True) else 0
+
+
 def settle() -> None:
     """After a generation: the resident bound, keep-loaded and the idle timer."""
-    opts = shared.opts.data
-    keep = int(opts.get("magicfusion_max_resident_experts", 2)) if opts.get("magicfusion_keep_expert_loaded", True) else 0
-    experts.cache.settle(keep, float(opts.get("magicfusion_unload_after_minutes", 0) or 0), lambda: call_queue.queue_lock)
+    experts.cache.trim(resident_bound())
+    experts.cache.arm_idle_timer(float(shared.opts.data.get("magicfusion_unload_after_minutes", 0) or 0),
+                                 lambda: call_queue.queue_lock)
 
 
 def unload() -> bool:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 SAMPLERS = ["Euler a", "DDIM", "DPM++ 2M"]
-MAIN, EXPERT, V_EXPERT = "tiny-eps-a", "tiny-eps-b", "tiny-v"
+MAIN, EXPERT, V_EXPERT = "tiny-eps-a", "tiny-eps-b", "tiny-sd2-v"
 PROMPT = "a photo of a cat, sharp focus"
 
 

@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 from lib_magicfusion.params import MAX_UNITS, FusionParams, flat_names, spec, specs  # noqa: E402  (pure Python)
 
-MAIN, EXPERT, V_EXPERT = "tiny-eps-a", "tiny-eps-b", "tiny-v"
+MAIN, EXPERT, V_EXPERT = "tiny-eps-a", "tiny-eps-b", "tiny-sd2-v"
 PROMPT = "a photo of a cat, sharp focus"
 UNITS = 2  # the test bed's UI shows the default two unit tabs
 FIELD_NAMES = flat_names(UNITS)  # the UI's positional layout
@@ -133,7 +133,7 @@ def assert_recovered(webui, refs, what=""):
     assert np.array_equal(generate(webui), refs["plain"]), f"{what}: the plain generation changed"
     assert np.array_equal(generate(webui, {"k_expert": 1.5}), refs["fused"]), f"{what}: the fused generation changed"
     s = webui.mf_status()
-    assert s["expert_loaded"].startswith(EXPERT) and s["expert_bytes"] == refs["expert_bytes"], f"{what}: {s}"
+    assert s["expert_loaded"].startswith(EXPERT) and s["expert_bytes"] >= refs["expert_bytes"], f"{what}: {s}"
     assert all(n == 1 for n in s["callbacks"].values()), f"{what}: callbacks registered twice: {s['callbacks']}"
 
 
@@ -391,7 +391,7 @@ def bad_checkpoints(webui):
     ("mf-bad-header", 422, "could not load"),
     ("mf-malicious", 422, "could not load"),
     ("mf-nan-weights", 500, "NaN or infinite"),
-    ("mf-wide-context", 500, "forward pass failed"),
+    ("mf-wide-context", 422, "its own text encoder gives 32-wide embeddings but the expert's UNet expects 48"),
 ])
 def test_broken_expert_fails_clearly_and_the_main_model_is_intact(webui, refs, bad_checkpoints, name, code, needle):
     r = post_raw(webui, "/sdapi/v1/txt2img", body(webui, {"expert_checkpoint": name}))
@@ -401,21 +401,25 @@ def test_broken_expert_fails_clearly_and_the_main_model_is_intact(webui, refs, b
     EVERY_FAILURE.append((f"expert {name}", r.status_code))
     assert not os.path.exists(bad_checkpoints["sentinel"]), "a pickle in a checkpoint ran code"
     assert_recovered(webui, refs, f"after expert {name}")
-    # The broken expert is not kept in memory beside the good one (the cache holds one).
+    # The cache stays within its resident bound (2 by default); a file that did not load is not in it.
     s = webui.mf_status()
-    assert s["expert_bytes"] == refs["expert_bytes"]
+    assert len(s["experts_loaded"]) <= 2 and any(t.startswith(EXPERT) for t in s["experts_loaded"])
+    if code == 422 and needle == "could not load":
+        assert not any(t.startswith(name) for t in s["experts_loaded"])
 
 
 def test_a_broken_expert_that_loaded_is_reused_not_reloaded(webui, refs, bad_checkpoints):
-    loads = webui.mf_status()["expert_loads"]
+    loads = []
     for _ in range(2):
         r = post_raw(webui, "/sdapi/v1/txt2img", body(webui, {"expert_checkpoint": "mf-wide-context"}))
-        assert r.status_code == 500 and "MagicFusion expert_checkpoint:" in r.json()["errors"]
+        assert r.status_code == 422 and "MagicFusion expert_checkpoint:" in r.json()["errors"]
         EVERY_FAILURE.append(("expert mf-wide-context again", r.status_code))
-    assert webui.mf_status()["expert_loads"] == loads + 1
+        loads.append(webui.mf_status()["expert_loads"])
+        assert any(t.startswith("mf-wide-context") for t in webui.mf_status()["experts_loaded"])
+    assert loads[1] == loads[0]  # the second request found it in the cache
     webui.mf_unload()
     s = webui.mf_status()
-    assert s["expert_loaded"] is None and s["expert_bytes"] == 0
+    assert s["experts_loaded"] == [] and s["expert_bytes"] == 0
     assert_recovered(webui, refs, "after unloading the broken expert")
 
 
