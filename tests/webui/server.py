@@ -256,7 +256,7 @@ class WebUIServer:
     or call start()/stop(); stop() is also registered with atexit."""
 
     def __init__(self, webui_dir: str | None = None, python: str | None = None,
-                 extension: bool = True, port: int | None = None,
+                 extension: bool | str = True, port: int | None = None,
                  startup_timeout: float | None = None, log=print, *,
                  ui: bool = False, ckpt_dir: str | None = None, extra_args: tuple[str, ...] = (),
                  api_auth: str | None = None, testbed: bool = True):
@@ -265,7 +265,8 @@ class WebUIServer:
         a test may add checkpoints without touching the cache). ``extra_args`` are appended
         to the launch flags (e.g. ``--ui-config-file``). ``api_auth`` (``"user:pass"``) starts the
         WebUI with ``--api-auth``; the ready check and ``WebUIClient`` then send those credentials.
-        ``testbed=False`` leaves out the test bed's helper extension; the SD2 and SDXL fixtures
+        ``extension`` may name another extension tree to link instead of this repo (e.g. an
+        earlier release, for parity tests). ``testbed=False`` leaves out the test bed's helper extension; the SD2 and SDXL fixtures
         then cannot load (nothing registers their open_clip config)."""
         if webui_dir is None or python is None:
             d, p = find_install()
@@ -303,7 +304,8 @@ class WebUIServer:
         hf_home = os.path.join(self.data_dir, "hf-home")
         os.makedirs(hf_home)
         if self.extension:
-            link_extension(os.path.join(self.data_dir, "extensions"))
+            root = self.extension if isinstance(self.extension, str) else REPO_ROOT
+            link_extension(os.path.join(self.data_dir, "extensions"), root)
         if self.testbed:
             install_testbed(os.path.join(self.data_dir, "extensions"))
         self.log_path = os.path.join(self.data_dir, "webui.log")

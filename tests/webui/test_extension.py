@@ -232,12 +232,24 @@ def test_and_prompts_and_skipped_uncond_steps(webui, baseline):
     settings = {"override_settings": {"sd_model_checkpoint": MAIN, "skip_early_cond": 0.25, "s_min_uncond": 2.0},
                 "override_settings_restore_afterwards": True}
     body = {"prompt": "a cat AND a dog:0.6", "steps": 8, "seed": 19, "sampler_name": "Euler a", **settings}
+    expert_prompt = "a lion AND a crown:0.8 AND a throne:0.3"
     try:
         plain = webui.pixels(webui.txt2img(**body))
-        fused = webui.pixels(webui.txt2img(**body, **fusion(expert_prompt="a lion AND a crown:0.8 AND a throne:0.3")))
+        fused = webui.pixels(webui.txt2img(**body, **fusion(expert_prompt=expert_prompt)))
+        passes = webui.mf_status()["last_generation"]["passes"]
+        # The expert alone under the same skips is exactly that checkpoint's own picture: its
+        # calls skip the uncond exactly where the WebUI skips it for a main model.
+        as_main = webui.pixels(webui.txt2img(**{**body, "prompt": expert_prompt,
+                                                "override_settings": {**settings["override_settings"], "sd_model_checkpoint": EXPERT}}))
+        alone = webui.pixels(webui.txt2img(**body, **fusion(expert_prompt=expert_prompt, fusion_start=1.0, fusion_end=1.0,
+                                                              outside_window="expert")))
+        alone_passes = webui.mf_status()["last_generation"]["passes"]
     finally:  # the WebUI restores only overridden options that were ever saved
         webui.post("/sdapi/v1/options", {"skip_early_cond": 0.0, "s_min_uncond": 0.0})
     assert webui.differs(fused, plain) and fused.std() > 10
+    for record in passes + alone_passes:  # our skip plan agreed with the WebUI's own decision at every call
+        assert record["skip_mismatches"] == 0 and record["skipped_uncond_calls"] >= 3, record
+    assert np.array_equal(alone, as_main)
     assert_webui_still_plain(webui, baseline)
 
 
@@ -276,3 +288,14 @@ def test_every_sampler_family(webui, baseline, sampler):
     again = webui.pixels(gen(webui, sampler_name=sampler, seed=21, steps=5, fused={}))
     assert np.array_equal(fused, again) and webui.differs(fused, plain, threshold=0.5) and fused.std() > 10
     assert_webui_still_plain(webui, baseline)
+
+
+@pytest.mark.parametrize("sampler, steps", [("Euler a", 8), ("DPM++ 2M", 8), ("Heun", 8), ("DPM2", 8), ("DPM++ SDE", 8),
+                                            ("Restart", 8), ("DDIM", 8), ("UniPC", 8)])
+def test_the_window_counts_sampling_steps_for_every_sampler(webui, sampler, steps):
+    """start*N <= i < end*N in sampling steps, whatever a sampler's order or extra (restart) calls."""
+    gen(webui, sampler_name=sampler, steps=steps, seed=22, fused={"fusion_start": 0.25, "fusion_end": 0.75})
+    record = webui.mf_status()["last_generation"]["passes"][0]
+    assert record["fused_steps"] == [2, 3, 4, 5], (sampler, record)
+    calls = record["model_calls"]
+    assert calls["expert 1"] < calls["general"], calls  # outside the window only the general model runs

@@ -79,6 +79,11 @@ def test_sdxl_hires_fix(webui):
     off = webui.pixels(gen(webui, seed=37, **hires, fused={"apply_in_hires": False}))
     assert on.shape == (96, 96, 3)
     assert webui.differs(on, plain) and webui.differs(on, off, threshold=0.5)
+    # Run alone through both passes, the expert gives its own checkpoint's hires picture: its
+    # second-pass conds carry the upscaled size in SDXL's size vector, as the main model's do.
+    expert_hires = webui.pixels(gen(webui, main=EXPERT, seed=37, **hires))
+    alone = webui.pixels(gen(webui, seed=37, **hires, fused={"fusion_start": 1.0, "fusion_end": 1.0, "outside_window": "expert"}))
+    assert np.array_equal(alone, expert_hires)
 
 
 @pytest.mark.parametrize(("main", "expert", "kinds"), [
