@@ -105,7 +105,7 @@ GLOBAL_SPECS = (
 
 # The unit fields: attribute, unit-1 flat name, label, kind, default for unit 1, hint, unit-1 infotext key, range, xyz.
 UNIT_FIELDS = (
-    ("enabled", "expert_enabled", "Enable this expert", "bool", True,
+    ("enabled", "expert_enabled", "Enable expert 1", "bool", True,
      "Use this expert unit. Unit 1 is on by default, the others off.", None, None, False),
     ("checkpoint", "expert_checkpoint", "Expert checkpoint", "str", "",
      "An installed checkpoint (title, name or hash). The same as the main checkpoint fuses one model with two prompts.",
@@ -140,14 +140,25 @@ def _unit_infotext(unit: int, key: Optional[str]) -> Optional[str]:
     return f"MagicFusion k expert {n}" if key == "MagicFusion k expert" else key.replace("MagicFusion expert", f"MagicFusion expert {n}", 1)
 
 
+def _unit_label(unit: int, attr: str, label: str) -> str:
+    """Unit 1 keeps the first release's labels; unit n says so ("Expert 2 checkpoint", "k expert 2").
+    Labels are unique: the WebUI keys saved UI defaults, and hints, by a control's label."""
+    if attr == "enabled":
+        return f"Enable expert {unit + 1}"
+    if unit == 0:
+        return label
+    n = unit + 1
+    return f"k expert {n}" if attr == "k" else label.replace("Expert", f"Expert {n}", 1)
+
+
 def unit_specs(unit: int) -> tuple[Spec, ...]:
     out = []
     for attr, _legacy, label, kind, default, hint, infotext, bounds, xyz in UNIT_FIELDS:
         if attr == "enabled" and unit > 0:
             default = False
         lo, hi = bounds if bounds else (None, None)
-        out.append(Spec(name=unit_flat_name(unit, attr), attr=attr, unit=unit, default=default, label=label, kind=kind,
-                        hint=hint, infotext=_unit_infotext(unit, infotext), lo=lo, hi=hi, xyz=xyz))
+        out.append(Spec(name=unit_flat_name(unit, attr), attr=attr, unit=unit, default=default, label=_unit_label(unit, attr, label),
+                        kind=kind, hint=hint, infotext=_unit_infotext(unit, infotext), lo=lo, hi=hi, xyz=xyz))
     return tuple(out)
 
 

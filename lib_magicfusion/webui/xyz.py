@@ -14,11 +14,8 @@ LABEL = "[MagicFusion] "
 
 
 def axis_label(s: Spec) -> str:
-    """Unit 1 keeps the first release's labels ("Expert checkpoint"); unit n says "Expert n …"."""
-    if s.unit is None or s.unit == 0:
-        return LABEL + s.label
-    n = s.unit + 1
-    return LABEL + (f"k expert {n}" if s.attr == "k" else s.label.replace("Expert", f"Expert {n}", 1))
+    """The spec's own label: unit 1 keeps the first release's ("Expert checkpoint"), unit n says "Expert n …"."""
+    return LABEL + s.label
 
 
 def _xyz_module():

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from lib_magicfusion.params import BUTTON_HINTS, GLOBAL_SPECS, UNIT_FIELDS
+from lib_magicfusion.params import BUTTON_HINTS, GLOBAL_SPECS, MAX_UNITS, unit_specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JS_PATH = os.path.join(REPO, "javascript", "magicfusion-hints.js")
@@ -25,8 +25,8 @@ ACCORDION_LABEL = "MagicFusion"  # the InputAccordion's header in lib_magicfusio
 
 
 def labelled() -> list[tuple[str, str]]:
-    """(label, hint) of every control: the global fields, and the unit fields (the same in every unit tab)."""
-    return [(s.label, s.hint) for s in GLOBAL_SPECS] + [(label, hint) for _, _, label, _, _, hint, *_ in UNIT_FIELDS]
+    """(label, hint) of every control: the global fields, and every unit's fields."""
+    return [(s.label, s.hint) for s in GLOBAL_SPECS] + [(s.label, s.hint) for unit in range(MAX_UNITS) for s in unit_specs(unit)]
 
 
 def expected() -> dict[str, str]:

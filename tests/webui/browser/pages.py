@@ -28,7 +28,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(WEBUI_TESTS))
 if REPO_ROOT not in sys.path:  # for lib_magicfusion.params when run as a script
     sys.path.insert(0, REPO_ROOT)
 
-from lib_magicfusion.params import FIELDS  # noqa: E402 - pure Python, no torch / WebUI import
+from lib_magicfusion.params import specs  # noqa: E402 - pure Python, no torch / WebUI import
 
 ENV_CHROMIUM = "MAGICFUSION_CHROMIUM"
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
@@ -37,8 +37,9 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 TABS = ("txt2img", "img2img")
-SPEC = {f.name: f for f in FIELDS}
-CONTROL_NAMES = tuple(f.name for f in FIELDS if f.name != "enabled")  # "enabled" is the accordion itself
+UNITS = 2  # the unit tabs the accordion shows by default
+SPEC = {s.name: s for s in specs(UNITS)}
+CONTROL_NAMES = tuple(name for name in SPEC if name != "enabled")  # "enabled" is the accordion itself
 GEN_TIMEOUT_MS = 180_000  # a 64x64 image takes 0.1 s alone, but the 2 cores may be shared
 
 # Small, fast generation defaults for both tabs (A1111's ui-config.json keys).
@@ -234,7 +235,8 @@ class WebUIPage:
         InputAccordion, that also ticks the box, unless the box was clicked before."""
         if not self.is_open(tab):
             self.mf(tab, "enabled").locator(".label-wrap").click(position={"x": 200, "y": 10})
-        self.mf(tab, "expert_checkpoint").wait_for(state="visible")
+        self.mf(tab, "method").wait_for(state="visible")
+        self.show_unit(tab, "expert_checkpoint")
 
     def set_enabled(self, tab: str, on: bool = True) -> None:
         box = self.accordion_checkbox(tab)
@@ -250,9 +252,20 @@ class WebUIPage:
         """The element that shows the control's label (what the user hovers)."""
         return self.mf(tab, name).locator("span[data-testid='block-info']").first
 
-    def choose_expert(self, tab: str, prefix: str) -> str:
+    def show_unit(self, tab: str, name: str) -> None:
+        """Bring the unit tab that holds control `name` to the front (a global control: nothing)."""
+        unit = SPEC[name].unit
+        if unit is None:
+            return
+        button = self.page.locator(f"#magicfusion_{tab}_units > .tab-nav > button",
+                                   has_text=re.compile(rf"^\s*Expert {unit + 1}\s*$"))
+        button.click()
+        self.mf(tab, name).wait_for(state="visible")
+
+    def choose_expert(self, tab: str, prefix: str, name: str = "expert_checkpoint") -> str:
         """Pick the dropdown entry whose title starts with `prefix`, as a user would; returns it."""
-        box = self.mf(tab, "expert_checkpoint")
+        self.show_unit(tab, name)
+        box = self.mf(tab, name)
         box.locator("input").click()
         item = box.locator(f"ul.options li[data-value^={json.dumps(prefix)}]")
         item.first.wait_for(state="visible")
@@ -260,7 +273,7 @@ class WebUIPage:
         item.first.click()
         self.page.wait_for_function(
             "([sel, v]) => document.querySelector(sel).value === v",
-            arg=[f"#magicfusion_{tab}_expert_checkpoint input", title])
+            arg=[f"#magicfusion_{tab}_{name} input", title])
         return title
 
     def select(self, selector: str, value: str) -> None:
@@ -290,10 +303,11 @@ class WebUIPage:
         return values
 
     def set_value(self, tab: str, name: str, value: Any) -> None:
-        kind = SPEC[name].metadata["kind"]
+        kind = SPEC[name].kind
+        self.show_unit(tab, name)
         box = self.mf(tab, name)
-        if name == "expert_checkpoint":
-            self.choose_expert(tab, value)
+        if SPEC[name].attr == "checkpoint":
+            self.choose_expert(tab, value, name)
         elif kind == "bool":
             box.locator("input[type=checkbox]").set_checked(bool(value))
         elif kind == "choice":
@@ -306,9 +320,9 @@ class WebUIPage:
             num.blur()
 
     def get_value(self, tab: str, name: str) -> Any:
-        kind = SPEC[name].metadata["kind"]
+        kind = SPEC[name].kind
         box = self.mf(tab, name)
-        if name == "expert_checkpoint":
+        if SPEC[name].attr == "checkpoint":
             return box.locator("input").input_value()
         if kind == "bool":
             return box.locator("input[type=checkbox]").is_checked()
@@ -321,12 +335,14 @@ class WebUIPage:
         return int(float(text)) if kind == "int" else float(text)
 
     # ---- generation
-    def generate(self, tab: str = "txt2img", expect_images: int = 1, timeout_ms: int = GEN_TIMEOUT_MS) -> str:
+    def generate(self, tab: str = "txt2img", expect_images: int = 1, timeout_ms: int = GEN_TIMEOUT_MS, after_click=None) -> str:
         """Click Generate and wait until the gallery holds `expect_images` new pictures (or an
-        error shows); returns the infotext under the image."""
+        error shows); returns the infotext under the image. `after_click()` runs right after the click."""
         self.settle()  # a control's change handler still running could answer after the click
         before = self.gallery_urls(tab)
         self.page.locator(f"#{tab}_generate").click()
+        if after_click is not None:
+            after_click()
         try:
             self.page.wait_for_function(
                 """([tab, n, before]) => {

@@ -20,7 +20,7 @@ from PIL import Image
 from . import pages
 from .pages import CONTROL_NAMES, SPEC, TABS
 
-ENABLED_HINT = SPEC["enabled"].metadata["hint"]
+ENABLED_HINT = SPEC["enabled"].hint
 FIXTURE_NAMES = sorted(f"{name}.safetensors" for name in pages._load_server_module().CHECKPOINTS)
 
 # Every control that the infotext carries, at a value that is not its default.
@@ -38,6 +38,10 @@ NON_DEFAULT = {
     "saliency_baseline": "own",
     "expert_text_encoder": "general",
     "apply_in_hires": False,
+    "expert2_enabled": True,
+    "expert2_checkpoint": "tiny-v",  # SD1 (v): the general text encoder fits it
+    "expert2_prompt": "a blue ball",
+    "k_expert2": 0.7,
 }
 
 
@@ -73,16 +77,21 @@ def test_accordion_has_every_control_at_its_default(web, tab):
     assert web.enabled(tab), "A1111's InputAccordion ticks itself when unfolded (until its box is clicked)"
     web.set_enabled(tab, False)
     assert web.is_open(tab) and not web.enabled(tab), "unticking the box must leave the accordion open"
+    tabs = web.mf(tab, "units").locator(":scope > .tab-nav > button").all_inner_texts()
+    assert [t.strip() for t in tabs] == ["Expert 1", "Expert 2"], tabs
     for name in CONTROL_NAMES:
+        web.show_unit(tab, name)
         box = web.mf(tab, name)
         assert box.is_visible(), f"{tab}: control {name} is not visible"
-        label = SPEC[name].metadata["label"]
+        label = SPEC[name].label
         assert box.get_by_text(label, exact=True).count() >= 1, f"{tab}: {name} lacks its label {label!r}"
         assert web.get_value(tab, name) == SPEC[name].default, f"{tab}: {name} does not start at its default"
-    assert web.mf(tab, "expert_checkpoint_refresh").is_visible()
+    for unit in ("expert", "expert2"):
+        web.show_unit(tab, f"{unit}_checkpoint")
+        assert web.mf(tab, f"{unit}_checkpoint_refresh").is_visible()
     for name in ("outside_window", "saliency_baseline", "expert_text_encoder"):
         got = web.mf(tab, name).locator("input[type=radio]").evaluate_all("els => els.map(e => e.value)")
-        assert got == list(SPEC[name].metadata["choices"]), name
+        assert got == list(SPEC[name].choices), name
 
 
 @pytest.mark.parametrize("tab", TABS)
@@ -90,9 +99,11 @@ def test_every_control_shows_its_hint_on_hover(web, tab):
     web.switch_tab(tab)
     web.open_accordion(tab)
     labels = [(web.mf(tab, "enabled").locator(".label-wrap span").first, ENABLED_HINT)]  # the header
-    labels += [(web.mf(tab, name).get_by_text(SPEC[name].metadata["label"], exact=True).first, SPEC[name].metadata["hint"])
+    labels += [(name, web.mf(tab, name).get_by_text(SPEC[name].label, exact=True).first, SPEC[name].hint)
                for name in CONTROL_NAMES]
-    for label, hint in labels:
+    for name, label, hint in [(None, *labels[0])] + labels[1:]:
+        if name is not None:
+            web.show_unit(tab, name)
         label.hover()
         # hints.js sets the title 1 s after the DOM last changed (a debounce), so wait for it
         try:
@@ -100,6 +111,7 @@ def test_every_control_shows_its_hint_on_hover(web, tab):
         except Exception:  # noqa: BLE001 - say which label and what it shows instead
             pytest.fail(f"{tab}: hovering {label.inner_text()!r} shows {label.get_attribute('title')!r}, "
                         f"expected {hint!r}")
+    web.show_unit(tab, "expert_checkpoint")
     refresh = web.mf(tab, "expert_checkpoint_refresh")
     refresh.hover()
     assert refresh.get_attribute("title") == "Expert checkpoint: refresh"
@@ -138,9 +150,9 @@ def test_fused_generation_shows_the_image_and_its_masks(web):
     assert image.size == (64, 64)
     assert "MagicFusion expert: tiny-eps-b" in _parameters(image)  # the PNG's own infotext
     assert mask.size == (64, 64)
-    assert set(np.unique(np.asarray(mask.convert("L")))) <= {0, 255}, "the mask is black (general) / white (expert)"
-    steps = 4  # the ui-config's default
-    assert strip.size == (steps * 64 + (steps - 1) * 2, 64), strip.size  # a 64 px tile per step, 2 px gaps
+    assert set(np.unique(np.asarray(mask.convert("L")))) <= {0, 255}, "the mask is black (general) / white (expert 1)"
+    steps, tile = 4, 48  # the ui-config's steps; tiles of a quarter of the image, at least 48 px
+    assert strip.size == (48 + steps * (tile + 2), tile + 2 + 14), strip.size  # a label, a tile per step; the legend
     assert np.asarray(image).std() > 5
 
 
@@ -166,6 +178,45 @@ def test_unload_button_frees_the_expert(web, ui_server):
     assert after["expert_bytes"] == 0 and after["expert_loads"] == before["expert_loads"]
 
 
+def test_the_unload_button_waits_for_a_generation_in_progress(web, ui_server):
+    """Clicked while a fused generation samples, the button frees the expert only once the
+    generation is done: the picture is the fused one, not one that lost its expert half-way."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def api(path, payload=None):
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(ui_server.url + path, data=data, headers={"Content-Type": "application/json"})
+        with direct.open(req, timeout=300) as r:
+            return json.load(r)
+
+    steps = 40
+    reference = api("/sdapi/v1/txt2img", {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": steps, "seed": 1234,
+                                          "sampler_name": "Euler a", "cfg_scale": 7, "alwayson_scripts": {"MagicFusion": {"args": [
+                                              {"enabled": True, "expert_checkpoint": "tiny-eps-b"}]}}})["images"][0]
+    tab = "txt2img"
+    web.open()
+    web.page.locator("#txt2img_steps input[type=number]").fill(str(steps))
+    web.page.locator("#txt2img_steps input[type=number]").blur()
+    web.set_enabled(tab, True)
+    web.choose_expert(tab, "tiny-eps-b")
+
+    def unload_mid_way():
+        deadline = time.monotonic() + 60
+        while not api("/sdapi/v1/progress").get("state", {}).get("sampling_step"):
+            assert time.monotonic() < deadline, "the generation never started sampling"
+            time.sleep(0.02)
+        web.mf(tab, "unload_expert").click()
+
+    web.generate(tab, after_click=unload_mid_way)
+    got = np.asarray(_png(web.fetch(web.gallery_urls(tab)[0])).convert("RGB"))
+    want = np.asarray(_png(__import__("base64").b64decode(reference)).convert("RGB"))
+    assert np.array_equal(got, want)
+    deadline = time.monotonic() + 30
+    while api("/magicfusion/v1/status")["experts_loaded"]:  # and then it did unload
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="module")
 def non_default_image(web):
     """An image generated from the page with every infotext control at a non-default value."""
@@ -176,10 +227,10 @@ def non_default_image(web):
         web.set_value(tab, name, value)
     for name, value in NON_DEFAULT.items():  # the page took every value
         got = web.get_value(tab, name)
-        assert got.startswith(value) if name == "expert_checkpoint" else got == value, (name, got)
+        assert got.startswith(value) if name.endswith("_checkpoint") else got == value, (name, got)
     info = web.generate(tab, expect_images=1)
     for key, text in (("MagicFusion k expert", "2.5"), ("MagicFusion end", "0.6"), ("MagicFusion outside", "expert"),
-                      ("MagicFusion blur", "2")):
+                      ("MagicFusion blur", "2"), ("MagicFusion expert 2", "tiny-v"), ("MagicFusion k expert 2", "0.7")):
         assert f"{key}: {text}" in info, (key, info)
     data = web.fetch(web.gallery_urls(tab)[0])
     assert "MagicFusion k expert: 2.5" in _parameters(_png(data))
@@ -196,7 +247,7 @@ def _check_restored(web, tab="txt2img"):
     wrong = {}
     for name, value in NON_DEFAULT.items():
         got = web.get_value(tab, name)
-        ok = _name(got).startswith(value) if name == "expert_checkpoint" else got == value
+        ok = _name(got).startswith(value) if name.endswith("_checkpoint") else got == value
         if not ok:
             wrong[name] = (got, value)
     assert not wrong, f"controls not restored from the infotext (got, wanted): {wrong}"
