@@ -173,11 +173,11 @@ def profiled(b: Bench, name: str, fn, rate: int = 25) -> dict:
 
 
 CATEGORIES = [  # (category, predicate on a frame string); the first category found from the leaf up wins
-    ("model management (expert.py)", lambda f: "lib_magicfusion/webui/expert.py" in f),
+    ("model management (expert.py)", lambda f: f.endswith("lib_magicfusion/webui/a1111/expert.py") or f.endswith("lib_magicfusion/webui/cache.py")),
     ("checkpoint load (A1111 sd_models)", lambda f: "sd_models.py" in f and ("load_model" in f or "reload_model_weights" in f)),
     ("UNet", lambda f: "openaimodel.py" in f),
     ("fusion math (fusion.py/snb.py)", lambda f: "lib_magicfusion/fusion.py" in f or "lib_magicfusion/snb.py" in f),
-    ("adapter (sampling.py, outside the UNet)", lambda f: "lib_magicfusion/webui/sampling.py" in f),
+    ("adapter (sampling.py, outside the UNet)", lambda f: "lib_magicfusion/webui/a1111/sampling.py" in f),
     ("text encoder", lambda f: "sd_hijack_clip.py" in f or "get_learned_conditioning" in f or "get_multicond_learned_conditioning" in f),
     ("VAE decode", lambda f: "decode_first_stage" in f or "samples_to_images" in f),
     ("extension process/before_sampling (extension.py)", lambda f: "lib_magicfusion/webui/extension.py" in f),

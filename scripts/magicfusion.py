@@ -3,9 +3,9 @@
 import modules.scripts as scripts
 from modules import script_callbacks
 
-from lib_magicfusion.webui import api, extension, guard, sampling, settings, ui, xyz
+from lib_magicfusion.webui import api, extension, guard, host, settings, ui, xyz
 
-sampling.install()
+host.adapter().install()
 
 
 class MagicFusionScript(scripts.Script):

@@ -12,8 +12,7 @@ from modules import script_callbacks, shared
 
 from .. import __version__
 from ..params import FusionParams
-from . import expert as experts
-from . import extension
+from . import extension, host
 
 PREFIX = "/magicfusion/v1"
 
@@ -51,13 +50,15 @@ def _callbacks() -> dict[str, int]:
 
 
 def status() -> dict:
-    loaded = experts.cache.loaded()
+    adapter = host.adapter()
+    loaded = adapter.cache.loaded()
     return {
         "version": __version__,
         "expert_loaded": loaded[-1].title if loaded else None,   # the most recently used
         "experts_loaded": [e.title for e in loaded],
-        "expert_bytes": sum(experts.expert_memory_bytes(e) for e in loaded),
-        "expert_loads": experts.cache.loads,
+        "expert_bytes": sum(adapter.memory_bytes(e) for e in loaded),
+        "expert_loads": adapter.cache.loads,
+        "host": host.name(),
         "callbacks": _callbacks(),
         "last_generation": extension.last_report,
     }

@@ -7,20 +7,11 @@ from typing import Any, Optional, Sequence
 from modules import call_queue, infotext_utils, shared
 
 from ..params import FusionParams, MagicFusionError, flat_names, spec, unit_flat_name
-from . import expert as experts
-from . import masks
-from .generation import Generation
+from . import host, masks
+from .generation import ATTR, Generation
 
 XYZ_PREFIX = "magicfusion_"
 last_report: Optional[dict] = None  # what the last finished fused generation did (GET /magicfusion/v1/status)
-
-
-def is_forge() -> bool:
-    try:
-        import modules_forge  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def parse(p, args: Sequence[Any]) -> FusionParams:
@@ -50,28 +41,19 @@ def parse(p, args: Sequence[Any]) -> FusionParams:
 
 def process(p, args: Sequence[Any]) -> None:
     """Start of every generation: validate, then (if enabled) a Generation on p."""
-    setattr(p, "magicfusion_generation", None)
+    setattr(p, ATTR, None)
+    adapter = host.adapter()
     try:
         params = parse(p, args)
     except Exception as e:
-        _failed(p, e)
+        adapter.Generation.failed(p, e)
         return
     if not params.enabled:
         return
-    if is_forge():
-        _failed(p, MagicFusionError("WebUI Forge is not supported yet; use AUTOMATIC1111 1.10", "enabled"))
-        return
-    experts.cache.touch()
+    adapter.cache.touch()
     # A generation that failed skipped postprocess: the bound holds before anything new loads.
-    experts.cache.trim(resident_bound())
-    Generation.start(p, params)
-
-
-def _failed(p, error: BaseException) -> None:
-    """A generation that asked for fusion but cannot have it: it fails at its first model call."""
-    gen = Generation(p, FusionParams())
-    setattr(p, "magicfusion_generation", gen)
-    gen.fail(error)
+    adapter.cache.trim(resident_bound())
+    adapter.Generation.start(p, params)
 
 
 def before_sampling(p) -> None:
@@ -107,8 +89,9 @@ def resident_bound() -> int:
 
 def settle() -> None:
     """After a generation: the resident bound, keep-loaded and the idle timer."""
-    experts.cache.trim(resident_bound())
-    experts.cache.arm_idle_timer(float(shared.opts.data.get("magicfusion_unload_after_minutes", 0) or 0),
+    cache = host.adapter().cache
+    cache.trim(resident_bound())
+    cache.arm_idle_timer(float(shared.opts.data.get("magicfusion_unload_after_minutes", 0) or 0),
                                  lambda: call_queue.queue_lock)
 
 
@@ -116,14 +99,15 @@ def unload() -> bool:
     """Free every expert (the unload button and route, under the WebUI's queue lock, so never in
     the middle of a generation); whether one was loaded."""
     with call_queue.queue_lock:
-        return experts.cache.unload()
+        return host.adapter().cache.unload()
 
 
 def on_script_unloaded() -> None:
     """Reload UI re-imports the extension: free the experts of the old module."""
-    experts.cache.touch()
-    experts.cache.unload()
+    cache = host.adapter().cache
+    cache.touch()
+    cache.unload()
 
 
 def on_model_loaded(sd_model) -> None:
-    experts.cache.on_main_changed(sd_model)
+    host.adapter().on_main_changed(sd_model)

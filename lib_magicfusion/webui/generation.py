@@ -1,4 +1,4 @@
-"""One MagicFusion generation in the A1111 WebUI: all of its state, from `process` to `postprocess`.
+"""One MagicFusion generation: all of its state, from the script's `process` to `postprocess`.
 
 A `Generation` is created by the script's `process` hook and kept on the generation's own
 processing object `p` (never in a module global), so a generation started inside another one
@@ -7,31 +7,33 @@ own state and leaves the outer one's alone. Its life:
 
     start(p, params)   process: resolve every unit's checkpoint and networks, load the experts
     begin_pass()       process_before_every_sampling: first pass, hires pass, img2img; check the
-                       pairing with the main model now loaded and encode the units' prompts
-    (sampling)         sampling.py drives the calls through the state kept here
-    end_batch()        post_sample: the main model's layers get the main prompt's networks back
-    end(processed)     postprocess: the mask pictures, then every reference to an expert dropped
-                       (the cache decides what stays resident)
+                       pairing with the main model now loaded, encode the units' prompts, arm
+                       the host's sampling hook
+    (sampling)         the host's sampling module drives the calls through the state kept here
+    end_batch()        post_sample: whatever the host must undo after a batch
+    end()              postprocess: every reference to an expert dropped (the cache decides what
+                       stays resident)
 
-A failure at any point is recorded (`fail`) and raised by the sampling gate at the next model
-call, so the generation fails with an error that names MagicFusion; the WebUI skips
+A failure at any point is recorded (`fail`) and raised by the host's sampling hook at the next
+model call, so the generation fails with an error that names MagicFusion; the WebUI skips
 `postprocess` then, and the object goes away with `p`.
+
+This module is the same for every host; `a1111.generation` and `forge.generation` fill in
+loading, compatibility, networks, encoding and the sampling hook.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from modules import devices, prompt_parser, sd_models, sd_samplers, shared
+from modules import devices, prompt_parser, sd_samplers, shared
 
 from ..fusion import SNBFusion
 from ..params import FusionParams, MagicFusionError, UnitParams, spec, unit_flat_name
-from . import expert as experts
-from . import networks
+from . import checkpoints
 
 ATTR = "magicfusion_generation"
 
@@ -53,23 +55,13 @@ class Unit:
     params: UnitParams
     info: Any                            # the checkpoint
     prompt: str                          # its prompt without network tags ("" = the main prompts)
-    nets: Optional[networks.NetworkSet]  # its networks; None = the main prompt's (empty unit prompt)
-    expert: Optional[experts.Expert] = None
+    nets: Any                            # its networks (host-specific); None = the main prompt's (empty unit prompt)
+    expert: Any = None                   # the host's expert (a model and how to run it)
     conds: Optional[PassConds] = None
-    is_main: bool = False                # its checkpoint is the main one (set when prepared)
+    is_main: bool = False                # its checkpoint is the main one
 
     def field(self, attr: str) -> str:
         return unit_flat_name(self.index, attr)
-
-    @property
-    def net_list(self) -> Optional[list]:
-        return None if self.nets is None else self.nets.nets
-
-    def same_networks_as_main(self, main_nets: Optional[list]) -> bool:
-        if self.nets is None:
-            return True
-        main_key = tuple((n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim) for n in (main_nets or []))
-        return self.nets.key == main_key
 
 
 @dataclass
@@ -85,9 +77,12 @@ class PassRecord:
     skip_mismatches: int = 0                          # calls where our uncond-skip rule disagreed with the WebUI's
     skipped_calls: int = 0
 
+    def count(self, model: int) -> None:
+        self.calls[model] = self.calls.get(model, 0) + 1
+
 
 class Generation:
-    """See the module docstring."""
+    """See the module docstring. Hosts override the methods marked "host"."""
 
     def __init__(self, p, params: FusionParams):
         self.p = p
@@ -96,11 +91,8 @@ class Generation:
         self.units: list[Unit] = []
         self.error: Optional[BaseException] = None
         self.active = False                 # fusing in the current sampling pass
-        self.call = None                    # the denoiser call in flight (sampling.Call)
+        self.call = None                    # the denoiser call in flight (the host's)
         self.passes: list[PassRecord] = []
-        self.main_nets: Optional[list] = None
-        self.main_flipped = False           # a unit's networks were merged into the main model's layers
-        self.cfg_pp: Optional[tuple] = None
 
     # ---- lookup -----------------------------------------------------------------------
 
@@ -119,12 +111,24 @@ class Generation:
             gen.fail(e)
         return gen
 
+    @classmethod
+    def failed(cls, p, error: BaseException) -> "Generation":
+        """A generation that asked for fusion but cannot have it: it fails at its first model call."""
+        gen = cls(p, FusionParams())
+        setattr(p, ATTR, gen)
+        gen.fail(error)
+        return gen
+
     def fail(self, error: BaseException) -> None:
         if self.error is None:
             self.error = error if isinstance(error, MagicFusionError) else \
                 MagicFusionError(f"fusion failed: {type(error).__name__}: {error}", status_code=500)
             if error is not self.error:
                 self.error.__cause__ = error
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
 
     @property
     def record(self) -> Optional[PassRecord]:
@@ -136,21 +140,21 @@ class Generation:
         p, params = self.p, self.params
         if getattr(p, "refiner_checkpoint", None) not in (None, "", "None", "none") and (p.refiner_switch_at or 1) < 1:
             raise MagicFusionError("cannot run together with the refiner; turn one of them off", "enabled")
-        needs_experts = params.fusion_start < params.fusion_end or params.outside_unit is not None
+        main_info = getattr(shared.sd_model, "sd_checkpoint_info", None)
         for model, index in enumerate(params.active_units, start=1):
             unit_params = params.units[index]
-            info = experts.resolve(unit_params.checkpoint, unit_flat_name(index, "checkpoint"))
-            prompt, tags = networks.split_prompt(unit_params.prompt) if unit_params.prompt.strip() else ("", {})
-            nets = networks.resolve(tags, unit_flat_name(index, "prompt")) if unit_params.prompt.strip() else None
-            main_info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+            info = checkpoints.resolve(unit_params.checkpoint, unit_flat_name(index, "checkpoint"))
+            prompt, nets = "", None
+            if unit_params.prompt.strip():
+                from modules import extra_networks
+                prompt, tags = extra_networks.parse_prompt(unit_params.prompt)
+                nets = self.resolve_networks(tags, unit_flat_name(index, "prompt"))
             is_main = main_info is not None and main_info.filename == info.filename
             self.units.append(Unit(index, model, unit_params, info, prompt, nets, is_main=is_main))
         # An empty window with the general model outside it never needs an expert: none is loaded.
-        if needs_experts:
+        if params.fusion_start < params.fusion_end or params.outside_unit is not None:
             for unit in self.units:
-                unit.expert = _checked_load(unit)
-                if not unit.expert.is_main:
-                    sd_models.apply_alpha_schedule_override(unit.expert.model)
+                unit.expert = self.load(unit)
         resolved = params
         for unit in self.units:
             resolved = resolved.replace_unit(unit.index, checkpoint=unit.info.name_for_extra)
@@ -163,26 +167,30 @@ class Generation:
     # ---- sampling passes --------------------------------------------------------------
 
     def begin_pass(self) -> None:
-        """Before each sampling pass: the pass's record, the pairing check, the units' prompts."""
+        """Before each sampling pass: the pass's record, the pairing check, the units' prompts, the hook."""
         if self.error is not None:
             return
         p = self.p
         hires = bool(getattr(p, "is_hr_pass", False))
-        self._close_pass()
-        self.active = not hires or self.params.apply_in_hires
-        self.passes.append(PassRecord(batch=getattr(p, "iteration", 0), hires=hires, fused=self.active))
-        self.fusion.reset()
+        batch = getattr(p, "iteration", 0)
         try:
-            self.main_nets = networks.current()
+            record = self.record
+            if record is not None and (record.batch, record.hires) == (batch, hires) and self.reuses_pass():
+                self.arm()  # the host asked again for the same pass (Forge does, in the hires pass)
+                return
+            self._close_pass()
+            self.active = not hires or self.params.apply_in_hires
+            self.passes.append(PassRecord(batch=batch, hires=hires, fused=self.active))
+            self.fusion.reset()
+            self.pass_started()
             if not self.active or not any(u.expert is not None for u in self.units):
                 return
             main = shared.sd_model
             for unit in self.units:
-                if unit.expert.is_main and unit.expert.model is not main:
-                    unit.expert = _checked_load(unit)  # the main model changed (hires checkpoint)
-                experts.check_compatible(main, unit.expert, text_encoder=self.params.expert_text_encoder,
-                                         field_name=unit.field("checkpoint"), encoder_field="expert_text_encoder")
+                self.refresh(unit, main)
+                self.check(main, unit)
                 unit.conds = self._encode(unit, hires)
+            self.arm()
         except Exception as e:
             self.fail(e)
 
@@ -190,8 +198,6 @@ class Generation:
         """A unit's prompts through the WebUI's prompt machinery (weights, BREAK, long prompts,
         prompt editing and embeddings all apply), with the unit's networks on the text encoder."""
         p = self.p
-        own = self.params.expert_text_encoder == "expert"
-        model = unit.expert.model if own else shared.sd_model
         if hires:
             prompts, negatives = list(p.hr_prompts), list(p.hr_negative_prompts)
             width, height = p.hr_upscale_to_x, p.hr_upscale_to_y
@@ -206,10 +212,7 @@ class Generation:
             prompts = [unit.prompt] * len(prompts)
         if unit.params.negative_prompt.strip():
             negatives = [unit.params.negative_prompt] * len(negatives)
-        ready = experts.text_encoder_ready(unit.expert) if own else contextlib.nullcontext()
-        if model is shared.sd_model and unit.nets is not None:
-            self.main_flipped = True
-        with ready, networks.using(unit.net_list), devices.autocast(), torch.no_grad():
+        with self.encoding(unit) as model, devices.autocast(), torch.no_grad():
             c = prompt_parser.get_multicond_learned_conditioning(
                 model, prompt_parser.SdConditioning(prompts, width=width, height=height), p.firstpass_steps, hires_steps,
                 shared.opts.use_old_scheduling)
@@ -224,13 +227,9 @@ class Generation:
             record.masks = dict(self.fusion.masks)
 
     def end_batch(self) -> None:
-        """After a batch is sampled: the main model's layers hold the main prompt's networks again."""
+        """After a batch is sampled."""
         self._close_pass()
-        if self.main_flipped:
-            try:
-                networks.restore(shared.sd_model, self.main_nets)
-            finally:
-                self.main_flipped = False
+        self.batch_ended()
 
     def end(self) -> None:
         """The end of the generation: drop every reference to an expert model."""
@@ -239,8 +238,45 @@ class Generation:
             unit.expert = None
             unit.conds = None
         self.call = None
-        self.cfg_pp = None
         self.active = False
+        self.released()
+
+    # ---- host -------------------------------------------------------------------------
+
+    def resolve_networks(self, tags: dict, field_name: str):  # host
+        """The networks named by a unit prompt's tags (an error naming the field when one is not installed)."""
+        if tags:
+            raise MagicFusionError("networks in an expert prompt are not supported on this WebUI", field_name)
+        return None
+
+    def load(self, unit: Unit):  # host
+        raise NotImplementedError
+
+    def refresh(self, unit: Unit, main) -> None:  # host
+        """Before a pass: bring the unit's expert up to date with the main model now loaded."""
+
+    def check(self, main, unit: Unit) -> None:  # host
+        """Refuse before sampling what cannot fuse with the main model."""
+
+    def encoding(self, unit: Unit):  # host
+        """A context manager giving the model whose text encoder encodes the unit's prompts,
+        ready, with the unit's networks on it."""
+        raise NotImplementedError
+
+    def reuses_pass(self) -> bool:  # host
+        return False
+
+    def pass_started(self) -> None:  # host
+        pass
+
+    def arm(self) -> None:  # host
+        """Install the sampling hook for this pass (A1111's callbacks are global: nothing)."""
+
+    def batch_ended(self) -> None:  # host
+        pass
+
+    def released(self) -> None:  # host
+        pass
 
     # ---- reporting --------------------------------------------------------------------
 
@@ -248,16 +284,13 @@ class Generation:
         """What this generation did, for GET /magicfusion/v1/status."""
         return {
             "units": [{"unit": u.index + 1, "checkpoint": u.info.title, "is_main": u.is_main,
-                       "networks": [n.name for n in (u.net_list or [])]} for u in self.units],
+                       "networks": self.network_names(u)} for u in self.units],
             "passes": [{"batch": r.batch, "hires": r.hires, "fused": r.fused, "fused_steps": sorted(r.fused_steps),
-                        "model_calls": {("general" if m == 0 else f"expert {self._unit_number(m)}"): n for m, n in sorted(r.calls.items())},
+                        "model_calls": {("general" if m == 0 else f"expert {self.units[m - 1].index + 1}"): n
+                                        for m, n in sorted(r.calls.items())},
                         "skipped_uncond_calls": r.skipped_calls, "skip_mismatches": r.skip_mismatches} for r in self.passes],
             "error": str(self.error) if self.error is not None else None,
         }
 
-    def _unit_number(self, model: int) -> int:
-        return self.units[model - 1].index + 1
-
-
-def _checked_load(unit: Unit) -> experts.Expert:
-    return experts.cache.get(unit.info, unit.field("checkpoint"))
+    def network_names(self, unit: Unit) -> list[str]:  # host
+        return []

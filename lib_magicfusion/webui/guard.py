@@ -66,11 +66,11 @@ def validate_entry(entry: Any) -> None:
         raise MagicFusionError(f"the named form is exactly one object of named fields, got {len(args)} values", "args")
     # Imported here: the WebUI's modules are importable once the app runs. The script's own
     # parse checks the positional form's length and every value.
-    from . import expert, extension
+    from . import checkpoints, extension
     params = extension.parse(_NoOverrides(), args)
     if params.enabled:
         for i in params.active_units:
-            expert.resolve(params.units[i].checkpoint, unit_flat_name(i, "checkpoint"))
+            checkpoints.resolve(params.units[i].checkpoint, unit_flat_name(i, "checkpoint"))
 
 
 def _may_name_script(body: bytes) -> bool:

@@ -17,7 +17,7 @@ from modules.ui_common import create_refresh_button
 from modules.ui_components import FormRow, InputAccordion, ToolButton
 
 from ..params import UNLOAD_SYMBOL, FusionParams, MagicFusionError, Spec, is_fused_infotext, specs, unit_flat_name
-from .expert import checkpoint_titles
+from .checkpoints import checkpoint_titles
 
 SLIDERS = {  # the UI's ranges by spec attribute; the API accepts the params model's wider ones
     "k_general": (0.0, 10.0, 0.05),

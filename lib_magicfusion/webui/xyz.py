@@ -7,7 +7,7 @@ from __future__ import annotations
 from modules import scripts
 
 from ..params import MAX_UNITS, Spec, specs
-from .expert import checkpoint_titles
+from .checkpoints import checkpoint_titles
 from .extension import XYZ_PREFIX
 
 LABEL = "[MagicFusion] "

@@ -1,4 +1,4 @@
-"""The A1111 row-layout rules (lib_magicfusion/webui/rows.py) with real tensors, no WebUI.
+"""The A1111 row-layout rules (lib_magicfusion/webui/a1111/rows.py) with real tensors, no WebUI.
 
 These are the rules an expert's call must follow for its pictures to equal those of that
 checkpoint as the main model: rows per AND-part, padding to one token length, the uncond
@@ -8,7 +8,7 @@ skip, and batching or chunking of the model call.
 import pytest
 import torch
 
-from lib_magicfusion.webui import rows
+from lib_magicfusion.webui.a1111 import rows
 
 
 def conds(*parts):

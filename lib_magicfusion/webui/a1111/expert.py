@@ -18,22 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import re
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 from modules import devices, sd_disable_initialization, sd_hijack, sd_models, sd_models_config, sd_models_xl, sd_unet, shared
 from modules.timer import Timer
 
-from ..params import MagicFusionError
+from ...params import MagicFusionError
+from ..cache import ExpertCache
 from . import networks
-
-LOCK = threading.RLock()  # guards the cache; generations already run one at a time under the WebUI's queue lock
 
 
 @dataclass
@@ -44,6 +39,9 @@ class Expert:
     empty_cond: Any = None     # its empty-prompt token rows (1, 77, width), for padding its rows
     wrappers: dict = field(default_factory=dict)
 
+    def release(self) -> None:
+        self.wrappers.clear()
+
     @property
     def title(self) -> str:
         return self.info.title
@@ -51,30 +49,6 @@ class Expert:
     @property
     def parameterization(self) -> str:
         return getattr(self.model, "parameterization", "eps")
-
-
-def checkpoint_titles() -> list[str]:
-    """The installed checkpoints' titles, as the expert pickers and the XYZ axes list them."""
-    return sorted(sd_models.checkpoints_list, key=str.casefold)
-
-
-def resolve(name: str, field_name: str = "expert_checkpoint"):
-    """The CheckpointInfo of an installed checkpoint, matched as the WebUI matches names."""
-    if not isinstance(name, str) or not name.strip():
-        raise MagicFusionError("is required when MagicFusion is enabled", field_name)
-    name = name.strip()
-    if _looks_like_path(name):
-        raise MagicFusionError(f"must name an installed checkpoint (title, name or hash), not a path or URL: {name!r}", field_name)
-    info = sd_models.checkpoint_aliases.get(name) or sd_models.get_closet_checkpoint_match(name)
-    if info is None:
-        raise MagicFusionError(f"no installed checkpoint matches {name!r}", field_name)
-    return info
-
-
-def _looks_like_path(name: str) -> bool:
-    """Absolute paths, drive letters, '..' segments, home dirs and URLs: never a checkpoint title."""
-    return ("://" in name or name.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", name) is not None
-            or ".." in re.split(r"[\\/]", name))
 
 
 # --------------------------------------------------------------------------- compatibility
@@ -296,101 +270,40 @@ def _collect() -> None:
 
 # --------------------------------------------------------------------------- the cache
 
-class ExpertCache:
-    """Loaded experts by checkpoint file, least recently used first."""
+cache = ExpertCache(free=_collect)
 
-    def __init__(self):
-        self.experts: "OrderedDict[str, Expert]" = OrderedDict()
-        self.loads = 0
-        self.last_used = time.monotonic()
-        self._timer: Optional[threading.Timer] = None
 
-    def get(self, info, field_name: str = "expert_checkpoint") -> Expert:
-        """The expert for a checkpoint: the main model itself when it is the main checkpoint,
-        else a cached or newly loaded model beside it."""
-        main = shared.sd_model
-        if main is None:
-            raise MagicFusionError("no main checkpoint is loaded", field_name)
-        with LOCK:
-            self.touch()
-            if main.sd_checkpoint_info.filename == info.filename:
-                self.unload(info.filename)  # a second copy of the main model's weights is never kept
-                return Expert(main, main.sd_checkpoint_info, is_main=True, empty_cond=main.cond_stage_model_empty_prompt)
-            expert = self.experts.get(info.filename)
-            if expert is None:
-                try:
-                    model = _load_beside_main(info)
-                except MagicFusionError:
-                    raise
-                except Exception as e:
-                    _collect()
-                    raise MagicFusionError(f"could not load {info.title!r}: {type(e).__name__}: {e}", field_name) from e
-                expert = Expert(model, info, is_main=False, empty_cond=pad_cond(empty_cond(model, [])))
-                self.experts[info.filename] = expert
-                self.loads += 1
-            self.experts.move_to_end(info.filename)
-            return expert
+def get(info, field_name: str = "expert_checkpoint") -> Expert:
+    """The expert for a checkpoint: the main model itself when it is the main checkpoint (a second
+    copy of its weights is never kept), else a cached or newly loaded model beside it."""
+    main = shared.sd_model
+    if main is None:
+        raise MagicFusionError("no main checkpoint is loaded", field_name)
+    if main.sd_checkpoint_info.filename == info.filename:
+        cache.touch()
+        cache.unload(info.filename)
+        return Expert(main, main.sd_checkpoint_info, is_main=True, empty_cond=main.cond_stage_model_empty_prompt)
 
-    def touch(self) -> None:
-        self.last_used = time.monotonic()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def unload(self, filename: Optional[str] = None) -> bool:
-        """Free one expert (by checkpoint file) or all; whether any was loaded. Generations drop
-        their own references when they end, so the memory returns here."""
-        with LOCK:
-            names = [filename] if filename is not None else list(self.experts)
-            freed = [self.experts.pop(n) for n in names if n in self.experts]
-            if not freed:
-                return False
-            for expert in freed:
-                expert.wrappers.clear()
-            del freed, expert
+    def load():
+        try:
+            model = _load_beside_main(info)
+        except MagicFusionError:
+            raise
+        except Exception as e:
             _collect()
-            return True
+            raise MagicFusionError(f"could not load {info.title!r}: {type(e).__name__}: {e}", field_name) from e
+        return Expert(model, info, is_main=False, empty_cond=pad_cond(empty_cond(model, [])))
 
-    def loaded(self) -> list[Expert]:
-        with LOCK:
-            return list(self.experts.values())
-
-    def trim(self, keep: int) -> None:
-        """Keep at most `keep` experts resident (0 = none), the most recently used ones."""
-        with LOCK:
-            while len(self.experts) > max(0, keep):
-                self.unload(next(iter(self.experts)))
-
-    def arm_idle_timer(self, idle_minutes: float, lock: Callable[[], Any]) -> None:
-        """Free every expert after `idle_minutes` without fusion (0 = never). The timer takes
-        `lock()` (the WebUI's queue lock), so it never frees an expert under a generation."""
-        with LOCK:
-            self.touch()
-            if idle_minutes <= 0 or not self.experts:
-                return
-            stamp = self.last_used
-
-            def fire():
-                with lock():
-                    if self.last_used == stamp:
-                        self.unload()
-
-            self._timer = threading.Timer(idle_minutes * 60, fire)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def on_main_changed(self, main) -> None:
-        """A new main model: free experts that duplicate it or can no longer fuse with it."""
-        if main is None:
-            return
-        with LOCK:
-            for filename, expert in list(self.experts.items()):
-                if filename == main.sd_checkpoint_info.filename or \
-                        (architecture(main) == "SDXL") != (architecture(expert.model) == "SDXL"):
-                    self.unload(filename)
+    return cache.get(info.filename, load)
 
 
-cache = ExpertCache()
+def on_main_changed(main) -> None:
+    """A new main model: free experts that duplicate it or can no longer fuse with it."""
+    if main is None or getattr(main, "sd_checkpoint_info", None) is None:
+        return
+    cache.drop_if(lambda e: e.info.filename == main.sd_checkpoint_info.filename
+                  or (architecture(main) == "SDXL") != (architecture(e.model) == "SDXL"))
 
-__all__ = ["Expert", "ExpertCache", "cache", "checkpoint_titles", "resolve", "check_compatible", "architecture",
-           "expert_memory_bytes", "text_encoder_ready", "empty_cond", "text_encoder_family"]
+
+__all__ = ["Expert", "cache", "get", "check_compatible", "architecture", "expert_memory_bytes", "text_encoder_ready",
+           "empty_cond", "text_encoder_family", "on_main_changed"]

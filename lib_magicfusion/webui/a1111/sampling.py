@@ -27,11 +27,12 @@ import torch
 
 from modules import prompt_parser, script_callbacks, shared
 
-from ..fusion import Prediction, StepPlan, sampling_step
-from ..params import MagicFusionError
-from ..snb import blend
+from ...fusion import Prediction, StepPlan, sampling_step
+from ...params import MagicFusionError
+from ...snb import blend
 from . import networks, rows
-from .generation import Generation, Unit
+from ..generation import Generation, Unit
+from .generation import unit_nets
 
 GENERAL = 0
 
@@ -115,8 +116,8 @@ class Gate(torch.nn.Module):
                 out = self.inner(x, sigma, **kwargs)
         else:
             out = self.inner(x, sigma, **kwargs)
-        gen.record.calls[GENERAL] = gen.record.calls.get(GENERAL, 0) + (1 if first == 0 else 0)
         if first == 0:
+            gen.record.count(GENERAL)
             _evaluate_units(gen, call, self.inner)
         return out
 
@@ -246,7 +247,7 @@ def _plan_call(gen: Generation, params) -> Call:
             raise MagicFusionError(f"the expert prompts cover {len(e_conds_list)} images, the batch has {batch}", unit.field("prompt"))
         shares = unit.expert.is_main and rows.same_cond(e_uncond, params.text_uncond)
         uc = UnitCall(unit, e_conds_list, tensor, e_uncond, mode="own", shares_uncond=shares and not call.alone)
-        if uc.shares_uncond and unit.same_networks_as_main(gen.main_nets) and rows.same_layout(e_conds_list, conds_list) \
+        if uc.shares_uncond and gen.same_networks_as_main(unit) and rows.same_layout(e_conds_list, conds_list) \
                 and rows.same_cond(tensor, prompt_parser_tensor(params.text_cond, main_rows)):
             uc.mode = "reuse"  # the same model with the same prompts and networks: its rows are the main rows
         elif uc.shares_uncond and rows.token_len(tensor) == rows.token_len(params.text_cond):
@@ -258,7 +259,7 @@ def _plan_call(gen: Generation, params) -> Call:
                                            params.image_cond[cond_rows:]])
             params.text_cond = _joined([params.text_cond, tensor])
             cond_rows += uc.n
-            if not unit.same_networks_as_main(gen.main_nets):
+            if not gen.same_networks_as_main(unit):
                 with_deltas.append(unit)
         call.units[m] = uc
     if with_deltas:
@@ -289,7 +290,7 @@ def _evaluate_units(gen: Generation, call: Call, main_wrapper) -> None:
 
         with _networks_for(gen, call, uc):
             uc.outputs = _checked(gen, evaluate, unit.field("checkpoint"))
-        gen.record.calls[m] = gen.record.calls.get(m, 0) + 1
+        gen.record.count(m)
 
 
 def _networks_for(gen: Generation, call: Call, uc: UnitCall):
@@ -298,10 +299,10 @@ def _networks_for(gen: Generation, call: Call, uc: UnitCall):
     main set and takes the difference on the unit's rows."""
     unit = uc.unit
     if unit.nets is None or not unit.expert.is_main:
-        return networks.using(unit.net_list)
+        return networks.using(unit_nets(unit))
     if call.alone:
         gen.main_flipped = True
-        return networks.using(unit.net_list)
+        return networks.using(unit_nets(unit))
     deltas = networks.RowDeltas(shared.sd_model, gen.main_nets or [], [unit.nets])
     deltas.rows = [(0, 10 ** 9, unit.nets)]
     return deltas

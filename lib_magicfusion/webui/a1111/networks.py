@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..params import MagicFusionError
+from ...params import MagicFusionError
 
 NETWORK_TYPES = ("lora", "lyco")  # the extra-network tags the built-in networks extension handles
 

@@ -1,0 +1,1 @@
+"""The WebUI Forge host adapter (the Forge2 backend, `backend/`)."""
