@@ -3,7 +3,8 @@
     python bench/quality/make_data.py --out /tmp/toyworld/data.npz
 
 Arrays: ``images`` (N, 128, 128, 3) uint8; ``set`` ("general", "fine", "sks"), ``bg``,
-``obj`` and ``prompt`` (N strings each). train.py calls ``build`` itself.
+``obj`` and ``prompt`` (N strings each; ``obj`` "None" for no ball). The "vae" set is
+for the VAE only. train.py calls ``build`` itself.
 """
 
 from __future__ import annotations
@@ -20,13 +21,21 @@ import world as W  # noqa: E402
 N_GENERAL = 4000  # 1000 per scene; a quarter with the scene-less prompt "a photo of a ball"
 N_FINE = 2500  # 500 per variant
 N_SKS = 8  # the DreamBooth subject, in the forest only
-SEEDS = {"general": 11, "fine": 22, "sks": 33}
+N_VAE = 2000  # VAE-only images: any background with any ball (or none), empty prompt
+SEEDS = {"general": 11, "fine": 22, "sks": 33, "vae": 44}
 
 
 def items() -> list[tuple[str, str, str, str, int]]:
     out = [("general", *it) for it in W.general_items(N_GENERAL, SEEDS["general"])]
     out += [("fine", *it) for it in W.fine_items(N_FINE, SEEDS["fine"])]
     out += [("sks", *it) for it in W.sks_items(N_SKS, SEEDS["sks"])]
+    # The VAE is a generic codec (as SD's is trained on far more than any fine-tune sees): it
+    # also gets every background with every ball, which the UNets never see together.
+    rng = np.random.default_rng(SEEDS["vae"])
+    bgs, objs = (*W.SCENES, W.PLAIN), (*W.BALLS, None)
+    for i in range(N_VAE):
+        out.append(("vae", bgs[int(rng.integers(len(bgs)))], objs[int(rng.integers(len(objs)))], "",
+                    SEEDS["vae"] * 1_000_003 + i))
     return out
 
 
@@ -40,7 +49,7 @@ def build(path: str | None = None) -> dict[str, np.ndarray]:
         "images": np.stack([W.render(bg, obj, seed) for _, bg, obj, _, seed in its]),
         "set": np.array([s for s, *_ in its]),
         "bg": np.array([bg for _, bg, *_ in its]),
-        "obj": np.array([obj for _, _, obj, *_ in its]),
+        "obj": np.array([str(obj) for _, _, obj, *_ in its]),
         "prompt": np.array([p for *_, p, _ in its]),
     }
     if path:

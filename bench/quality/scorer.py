@@ -10,7 +10,8 @@
 Each pixel gets a colour class from fixed RGB rules (``pixel_classes``). The scene is the
 class that covers most of the ring; the ball is found from the pixels of the ball colours
 (red, blue, yellow, magenta, grey) in the centre, fitted as a disc, and named from the
-colour shares inside the disc.
+colour shares inside the disc (patterns by light / dark pixel shares, which survive a
+decoder's blur).
 """
 
 from __future__ import annotations
@@ -109,8 +110,15 @@ def ball_stats(img: np.ndarray) -> dict:
     share = {name: float(np.sum((c == v) & inside)) / n for name, v in
              (("red", RED), ("blue", BLUE), ("yellow", YELLOW), ("magenta", MAGENTA), ("grey", GREY),
               ("white", WHITE), ("black", BLACK))}
+    # Pattern pixels by brightness, tolerant of a decoder's blur: light (whitish, possibly
+    # tinted) and dark (any hue) pixels inside the disc.
+    x = img.astype(np.int32)
+    mn, mx = x.min(-1), x.max(-1)
+    share["light"] = float(np.sum((mn > 150) & (mx - mn < 70) & inside)) / n
+    share["dark"] = float(np.sum((x.mean(-1) < 90) & inside)) / n
     # How much of the disc is ball-coloured or pattern: a lone blob of colour is not a ball.
-    fill = float(np.sum(inside & (np.isin(c, BALL_CLASSES) | (c == WHITE) | (c == BLACK)))) / n
+    light = (mn > 150) & (mx - mn < 70)
+    fill = float(np.sum(inside & (np.isin(c, BALL_CLASSES) | (c == WHITE) | (c == BLACK) | light))) / n
     return {"found": True, "cx": float(cx), "cy": float(cy), "r": float(r), "share": share, "fill": fill,
             "pixels": int(fg.sum())}
 
@@ -121,18 +129,20 @@ def fine_object(img: np.ndarray) -> str | None:
     if not st["found"] or st["fill"] < 0.6 or st["r"] < 8:
         return None
     s = st["share"]
+    if s["magenta"] >= 0.15 and s["yellow"] >= 0.05 and s["magenta"] + s["yellow"] >= 0.45:
+        return W.SKS  # magenta with a yellow band (no other ball has magenta)
     base = max(("red", "blue", "yellow", "magenta", "grey"), key=s.get)
     if s[base] < 0.3:
         return None
     if base == "magenta":
-        return W.SKS if s["yellow"] >= 0.06 else None
+        return None  # magenta without the band
     if base == "grey":
         return W.GENERIC
     if base == "red":
         return "red"
     if base == "blue":
-        return "blue striped" if s["white"] >= 0.12 else "blue"
-    return "yellow dotted" if s["black"] >= 0.08 else "yellow"
+        return "blue striped" if s["light"] >= 0.10 else "blue"
+    return "yellow dotted" if s["dark"] >= 0.06 else "yellow"
 
 
 @dataclass(frozen=True)

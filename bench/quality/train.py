@@ -30,9 +30,9 @@ import arch  # noqa: E402
 import make_data  # noqa: E402
 import world as W  # noqa: E402
 
-STAGES = ("clip", "vae", "latents", "general", "fine", "dreambooth", "export")
+STAGES = ("clip", "vae", "vae_mix", "latents", "general", "fine", "dreambooth", "export")
 SEED = 1234
-STEPS = {"vae": 3600, "vae_full": 400, "general": 1100, "fine": 600, "dreambooth": 200}
+STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "general": 1100, "fine": 600, "dreambooth": 200}
 BATCH = 48
 DROPOUT = 0.1  # prompt dropout (-> "" ) for classifier-free guidance
 LOG_EVERY = 50
@@ -91,24 +91,41 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def stage_vae(work: str, data: dict) -> None:
+def stage_vae(work: str, data: dict, mix: bool = False) -> None:
+    """``vae``: from scratch on the UNets' training images -> vae_base.pt. ``vae_mix``: that
+    VAE fine-tuned with the VAE-only images (every background with every ball) mixed in, at a
+    lower learning rate -> vae.pt (the VAE every model uses)."""
     from diffusers import AutoencoderKL
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEED + (5 if mix else 0))
     vae = AutoencoderKL(**arch.diffusers_vae_config())
-    log(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters")
+    if mix:
+        vae.load_state_dict(torch.load(os.path.join(work, "vae_base.pt"))["state"])
+    log(f"vae{'_mix' if mix else ''}: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters")
     images = data["images"]
-    rng = np.random.default_rng(SEED)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    total = STEPS["vae"] + STEPS["vae_full"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / total))))
+    extra = np.nonzero(data["set"] == "vae")[0]
+    base = np.nonzero(data["set"] != "vae")[0]
+    rng = np.random.default_rng(SEED + (5 if mix else 0))
+    lr = 5e-4 if mix else 1e-3
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    crops, full = (STEPS["vae_mix"], STEPS["vae_mix_full"]) if mix else (STEPS["vae"], STEPS["vae_full"])
+    total = crops + full
+    warm = 20 if mix else 100
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / total))))
+
+    def pick(n):
+        if not mix:
+            return base[rng.integers(0, len(base), n)]
+        k = n // 2  # half VAE-only images, half the UNets' images
+        return np.concatenate([extra[rng.integers(0, len(extra), k)], base[rng.integers(0, len(base), n - k)]])
+
     run = []
     for step in range(total):
-        if step < STEPS["vae"]:  # 64 px crops (4x cheaper), then whole images
-            idx = rng.integers(0, len(images), 12)
-            y0, x0 = rng.integers(0, 81, 2) // 8 * 8  # crops on the latent grid
+        if step < crops:  # 48 px crops on the latent grid (cheap), then whole images
+            idx = pick(12)
+            y0, x0 = rng.integers(0, 81, 2) // 8 * 8
             x = to_tensor(images[idx, y0:y0 + 48, x0:x0 + 48])
         else:
-            x = to_tensor(images[rng.integers(0, len(images), 4)])
+            x = to_tensor(images[pick(4)])
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         l1 = (rec - x).abs().mean()
@@ -125,8 +142,9 @@ def stage_vae(work: str, data: dict) -> None:
         run.append([float(l1.detach()), float(l2.detach()), float(kl.detach())])
         if (step + 1) % LOG_EVERY == 0:
             m = np.mean(run[-LOG_EVERY:], axis=0)
-            log(f"vae step {step + 1}/{total} ({x.shape[-1]} px): l1 {m[0]:.4f} mse {m[1]:.5f} kl/dim {m[2]:.3f}")
-    torch.save({"state": vae.state_dict(), "final": np.mean(run[-100:], axis=0).tolist()}, os.path.join(work, "vae.pt"))
+            log(f"vae{'_mix' if mix else ''} step {step + 1}/{total} ({x.shape[-1]} px): l1 {m[0]:.4f} mse {m[1]:.5f} kl/dim {m[2]:.3f}")
+    torch.save({"state": vae.state_dict(), "final": np.mean(run[-100:], axis=0).tolist()},
+               os.path.join(work, "vae.pt" if mix else "vae_base.pt"))
 
 
 def load_vae(work: str):
@@ -141,14 +159,15 @@ def load_vae(work: str):
 def stage_latents(work: str, data: dict) -> None:
     vae, _ = load_vae(work)
     images = data["images"]
-    means = []
-    for i in range(0, len(images), 32):
-        means.append(vae.encode(to_tensor(images[i:i + 32])).latent_dist.mean)
-    lat = torch.cat(means)
-    scale = float(f"{1.0 / float(lat.std()):.5g}")
+    use = np.nonzero(data["set"] != "vae")[0]  # the UNets' images only
+    lat = torch.zeros((len(images), 4, 16, 16))
+    for i in range(0, len(use), 32):
+        lat[use[i:i + 32]] = vae.encode(to_tensor(images[use[i:i + 32]])).latent_dist.mean
+    lat_used = lat[use]
+    scale = float(f"{1.0 / float(lat_used.std()):.5g}")
     rec = vae.decode(lat[:64]).sample
     err = float((rec - to_tensor(images[:64])).abs().mean() * 127.5)
-    log(f"latents: {tuple(lat.shape)} mean {float(lat.mean()):.3f} std {float(lat.std()):.3f} -> scale_factor {scale}; "
+    log(f"latents: {tuple(lat_used.shape)} mean {float(lat_used.mean()):.3f} std {float(lat_used.std()):.3f} -> scale_factor {scale}; "
         f"recon mean |err| {err:.2f}/255")
     torch.save({"latents": lat, "scale_factor": scale, "recon_err": err}, os.path.join(work, "latents.pt"))
 
@@ -288,7 +307,8 @@ def main(argv=None) -> int:
     data = make_data.build(os.path.join(args.work, "data.npz"))
     log(f"data: {len(data['images'])} images")
     done = {
-        "clip": os.path.join(args.weights, "clip-words.json"), "vae": os.path.join(args.work, "vae.pt"),
+        "clip": os.path.join(args.weights, "clip-words.json"), "vae": os.path.join(args.work, "vae_base.pt"),
+        "vae_mix": os.path.join(args.work, "vae.pt"),
         "latents": os.path.join(args.work, "latents.pt"), "general": os.path.join(args.work, "unet_general.pt"),
         "fine": os.path.join(args.work, "unet_fine.pt"), "dreambooth": os.path.join(args.work, "unet_dreambooth.pt"),
         "export": None,
@@ -300,8 +320,8 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         if stage == "clip":
             stage_clip(args.work, args.weights)
-        elif stage == "vae":
-            stage_vae(args.work, data)
+        elif stage in ("vae", "vae_mix"):
+            stage_vae(args.work, data, mix=stage == "vae_mix")
         elif stage == "latents":
             stage_latents(args.work, data)
         elif stage == "export":
