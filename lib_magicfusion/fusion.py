@@ -38,13 +38,16 @@ class Prediction:
     cond: (R, C, H, W) rows, one per (image, AND-part); conds_list[i] lists image i's
     (row, weight) pairs as A1111's prompt parser builds them. uncond: (B, C, H, W), or None
     when the host skipped the unconditional pass on this call (NGMS, skip-early-cond).
-    cfg_scale: the effective guidance scale for this model.
+    cfg_scale: the effective guidance scale for this model. result: the guided prediction the
+    host computed itself with its own arithmetic (Forge's CFG); guided() then returns it unchanged,
+    so a model that wins a pixel gives exactly the host's own value there.
     """
 
     cond: torch.Tensor
     uncond: Optional[torch.Tensor]
     conds_list: CondsList
     cfg_scale: float
+    result: Optional[torch.Tensor] = None  # the host's own guided prediction, when it made one: used as is
 
     @property
     def batch(self) -> int:
@@ -74,6 +77,8 @@ def guided(pred: Prediction) -> torch.Tensor:
     uses each image's first cond row as u and a scale of 1. Element-wise, so the batched
     form for one cond row per image gives the same bits as the per-row loop.
     """
+    if pred.result is not None:
+        return pred.result
     uncond = pred.reference_uncond()
     scale = pred.cfg_scale if pred.uncond is not None else 1.0
     weight = pred.uniform_weight

@@ -169,6 +169,7 @@ class Generation:
     def begin_pass(self) -> None:
         """Before each sampling pass: the pass's record, the pairing check, the units' prompts, the hook."""
         if self.error is not None:
+            self.arm()  # a host whose hook is per pass must still raise the failure there
             return
         p = self.p
         hires = bool(getattr(p, "is_hr_pass", False))
@@ -193,6 +194,7 @@ class Generation:
             self.arm()
         except Exception as e:
             self.fail(e)
+            self.arm()
 
     def _encode(self, unit: Unit, hires: bool) -> PassConds:
         """A unit's prompts through the WebUI's prompt machinery (weights, BREAK, long prompts,

@@ -1,0 +1,257 @@
+"""The sampling hook on Forge: where its backend composes guidance.
+
+Per sampling pass (`arm`, from process_before_every_sampling) a clone of the main UnetPatcher
+gets three things, and replaces `p.sd_model.forge_objects.unet`:
+
+  a conditioning modifier   sees the call's guidance scale (1 on calls Forge runs without an
+                            uncond: CFG 1, skip-early, NGMS) and plans the call: fuse, or which
+                            model runs alone; it raises a recorded failure, so a fusion that
+                            cannot happen fails the generation;
+  a model-function wrapper  skips the main UNet where the plan does not use it (a unit runs
+                            alone outside the window), passing through everything else;
+  a post-CFG function       evaluates each planned unit on the same x and sigma with Forge's own
+                            `calc_cond_uncond_batch` (its engine, or the main model for a unit on
+                            the main checkpoint), and returns the fused x0.
+
+Forge works in sigma space for every sampler (DDIM included) and hands x0 predictions; the
+fusion step measures saliency in epsilon space from them. AND-parts arrive as Forge's weighted
+mean, so each model is one cond row per image with the summed weight, as Forge's own formula
+has it. `on_cfg_denoiser` tells which denoiser call this is; `on_cfg_after_cfg` gives DDIM CFG++
+the fused uncond noise.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from modules import prompt_parser, script_callbacks
+
+from ...fusion import Prediction, StepPlan, sampling_step
+from ...params import MagicFusionError
+from ...snb import blend
+from ..generation import Generation
+
+GENERAL = 0
+
+
+@dataclass
+class Call:
+    denoiser: Any
+    step: int
+    plan: Optional[StepPlan] = None
+    cond_scale: float = 1.0
+    skip_uncond: bool = False
+    text_uncond: Any = None
+    main_ran: bool = False
+    units: dict = field(default_factory=dict)
+
+    @property
+    def alone(self) -> bool:
+        return self.plan is not None and GENERAL not in self.plan.models
+
+
+def _edit_strength(conds) -> float:
+    return sum(item.get("strength", 1) for item in conds)
+
+
+def _guided(cond, uncond, scale: float, strength: float):
+    """Forge's own CFG arithmetic (sampling_function_inner), operation for operation."""
+    if not math.isclose(strength, 1.0):
+        return uncond + (cond - uncond) * scale * strength
+    return uncond + (cond - uncond) * scale
+
+
+def arm(gen: Generation) -> None:
+    """Hook this pass: a clone of the main UnetPatcher with our three functions (see the module docstring)."""
+    sd_model = gen.p.sd_model
+    unet = sd_model.forge_objects.unet.clone()
+    previous = unet.model_options.get("model_function_wrapper")
+    unet.add_conditioning_modifier(_modifier(gen))
+    unet.set_model_unet_function_wrapper(_wrapper(gen, previous))
+    unet.set_model_sampler_post_cfg_function(_post_cfg(gen, previous))
+    for unit in gen.units:
+        if unit.expert is not None and not unit.expert.is_main and unit.expert.objects is not None:
+            unet.add_extra_model_patcher_during_sampling(unit.expert.objects.unet)  # Forge manages its memory
+    sd_model.forge_objects.unet = unet
+    gen.armed = unet
+
+
+def disarm(gen: Generation) -> None:
+    """After the generation: the main model no longer holds our clone (it pins the experts)."""
+    sd_model = getattr(gen.p, "sd_model", None)
+    armed = getattr(gen, "armed", None)
+    if armed is not None and sd_model is not None and getattr(sd_model, "forge_objects", None) is not None \
+            and sd_model.forge_objects.unet is armed:
+        sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
+        from backend import memory_management as mm
+        mm.unload_model_clones(sd_model.forge_objects.unet)
+    gen.armed = None
+
+
+def on_cfg_denoiser(params: script_callbacks.CFGDenoiserParams) -> None:
+    denoiser = params.denoiser
+    gen = Generation.of(getattr(denoiser, "p", None))
+    if gen is None:
+        return
+    gen.denoiser = denoiser
+    gen.call = Call(denoiser, sampling_step(denoiser.step, denoiser.total_steps, denoiser.steps), text_uncond=params.text_uncond)
+
+
+def _modifier(gen: Generation):
+    def modifier(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        gen.raise_if_failed()
+        call = gen.call
+        if call is None or not gen.active:
+            return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+        try:
+            steps = call.denoiser.steps
+            call.cond_scale = float(cond_scale)
+            call.skip_uncond = uncond is None or math.isclose(cond_scale, 1.0)
+            call.plan = gen.fusion.plan(call.step, steps, uncond_skipped=call.skip_uncond)
+            gen.record.skipped_calls += int(call.skip_uncond)
+            if call.plan.fuse:
+                gen.record.fused_steps.add(call.step)
+        except Exception as e:
+            gen.fail(e)
+            gen.raise_if_failed()
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+    return modifier
+
+
+def _wrapper(gen: Generation, previous):
+    def wrapper(apply_model, args):
+        call = gen.call
+        if call is not None and call.alone and not gen.in_unit:
+            return torch.zeros_like(args["input"])  # the plan does not use the main model at this step
+        if call is not None and not gen.in_unit and not call.main_ran:
+            call.main_ran = True
+            gen.record.count(GENERAL)
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    return wrapper
+
+
+def _unit_options(model_options: dict, previous) -> dict:
+    """The main model's options for a unit on the main checkpoint: its other patches, not our hooks."""
+    options = dict(model_options)
+    options.pop("model_function_wrapper", None)
+    if previous is not None:
+        options["model_function_wrapper"] = previous
+    options["sampler_post_cfg_function"] = []
+    options["conditioning_modifiers"] = []
+    return options
+
+
+def _post_cfg(gen: Generation, previous):
+    def post_cfg(args):
+        gen.raise_if_failed()
+        call = gen.call
+        if call is None or call.plan is None or call.plan.models == (GENERAL,):
+            return args["denoised"]
+        try:
+            return _fuse(gen, call, args, previous)
+        except MagicFusionError as e:
+            gen.fail(e)
+            raise
+        except Exception as e:
+            gen.fail(MagicFusionError(f"fusion failed: {type(e).__name__}: {e}", status_code=500))
+            raise gen.error from e
+    return post_cfg
+
+
+def _fuse(gen: Generation, call: Call, args, previous):
+    from backend.sampling.condition import compile_conditions, compile_weighted_conditions
+    from backend.sampling.sampling_function import calc_cond_uncond_batch
+
+    x, sigma, plan = args["input"], args["sigma"], call.plan
+    batch = x.shape[0]
+    skip = call.skip_uncond
+    preds: list = [None] * gen.fusion.n_models
+    main_uncond = None if skip or call.alone else args["uncond_denoised"]
+    if not call.alone:
+        strength = _edit_strength(args["cond"])
+        weight = 1.0 if math.isclose(strength, 1.0) else strength
+        preds[GENERAL] = Prediction(args["cond_denoised"], main_uncond, [[(i, weight)] for i in range(batch)], call.cond_scale,
+                                    result=args["denoised"])
+    denoiser = call.denoiser
+    for m in plan.models:
+        if m == GENERAL:
+            continue
+        unit = gen.units[m - 1]
+        expert = unit.expert
+        conds_list, tensor = prompt_parser.reconstruct_multicond_batch(unit.conds.c, denoiser.step)
+        e_uncond = prompt_parser.reconstruct_cond_batch(unit.conds.uc, denoiser.step)
+        cond = compile_weighted_conditions(tensor, conds_list)
+        shares = expert.is_main and main_uncond is not None and _same(e_uncond, call.text_uncond)
+        if shares and not call.alone and _same_conds(cond, args["cond"]):
+            preds[m] = preds[GENERAL]  # one model, the same prompts: its predictions are the main model's
+            continue
+        uncond = None if skip or shares else compile_conditions(e_uncond)
+        if expert.is_main:
+            kmodel, options = args["model"], _unit_options(args["model_options"], previous)
+        else:
+            kmodel, options = expert.objects.unet.model, expert.objects.unet.model_options
+        gen.in_unit = True
+        try:
+            c_pred, u_pred = calc_cond_uncond_batch(kmodel, cond, uncond, x, sigma, options)
+        finally:
+            gen.in_unit = False
+        gen.record.count(m)
+        if not bool(torch.isfinite(torch.stack([c_pred.sum(dtype=torch.float32), u_pred.sum(dtype=torch.float32)])).all()):
+            raise MagicFusionError("the expert produced NaN or infinite values (a corrupt or incompatible checkpoint?)",
+                                   unit.field("checkpoint"), status_code=500)
+        if shares:
+            u_pred = main_uncond
+        scale = 1.0 if skip else (unit.params.cfg_scale if unit.params.cfg_scale > 0 else call.cond_scale)
+        strength = _edit_strength(cond)
+        weight = 1.0 if math.isclose(strength, 1.0) else strength
+        preds[m] = Prediction(c_pred, None if skip else u_pred, [[(i, weight)] for i in range(batch)], scale,
+                              result=_guided(c_pred, u_pred, scale, strength))
+    region = None if getattr(denoiser, "mask", None) is None else denoiser.nmask
+    result = gen.fusion.combine(plan, preds, "x0", sigma, step=call.step, region=region)
+    fused = result.denoised.to(args["denoised"].dtype)
+    if getattr(denoiser, "need_last_noise_uncond", False):
+        # DDIM CFG++ steers with the uncond noise: hand it the fused one.
+        unconds = [None if p is None else p.reference_uncond() for p in preds]
+        fused_uncond = unconds[plan.models[0]] if result.mask is None else blend(unconds, result.mask)
+        _cfg_pp.pending = (denoiser, (x - fused_uncond) / sigma.reshape(-1, 1, 1, 1))
+    return fused
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict) or isinstance(b, dict):
+        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
+
+
+def _same_conds(a, b) -> bool:
+    """Two compiled cond lists (Forge's dicts per AND-part) that ask the model the same thing."""
+    keys = ("cross_attn", "pooled_output")
+    return len(a) == len(b) and all(x.get("strength", 1) == y.get("strength", 1) and all(_same(x.get(k), y.get(k)) or
+                                    (x.get(k) is None and y.get(k) is None) for k in keys) for x, y in zip(a, b))
+
+
+_cfg_pp = threading.local()
+
+
+def on_cfg_after_cfg(params: script_callbacks.AfterCFGCallbackParams) -> None:
+    pending = getattr(_cfg_pp, "pending", None)
+    if pending is not None:
+        denoiser, uncond = pending
+        denoiser.last_noise_uncond = uncond
+        _cfg_pp.pending = None
+
+
+def install() -> None:
+    """Register the callbacks unless they already are (Reload UI clears them and re-imports the script)."""
+    hooks = (("callbacks_cfg_denoiser", script_callbacks.on_cfg_denoiser, on_cfg_denoiser),
+             ("callbacks_cfg_after_cfg", script_callbacks.on_cfg_after_cfg, on_cfg_after_cfg))
+    for key, register, fn in hooks:
+        if not any(c.callback is fn for c in script_callbacks.callback_map[key]):
+            register(fn, name=f"magicfusion_{fn.__name__}")
