@@ -36,7 +36,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C
 
-
 SELF = C.Proc()
 
 

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests", "webui"))
 
-import make_fixtures as mf
+import make_fixtures as mf  # noqa: E402 - the test bed's generator, found through the path above
 
 VERSION = 1  # bump when the output changes (part of the cache key)
 MODELS = [("bench-sd15-a", 11, "eps", "sd1"), ("bench-sd15-b", 22, "eps", "sd1"), ("bench-sd15-c", 33, "eps", "sd1")]

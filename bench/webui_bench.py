@@ -106,7 +106,7 @@ class Bench:
 def interleaved(b: Bench, size: int, configs, rounds: int) -> dict:
     """plain, F1, plain, F2, ..., plain (rounds times); each F over the mean of its neighbouring plains."""
     seq = []
-    for r in range(rounds):
+    for _ in range(rounds):
         for mode, w in configs:
             seq.append(("plain", 1.0))
             seq.append((mode, w))
@@ -173,7 +173,7 @@ def profiled(b: Bench, name: str, fn, rate: int = 25) -> dict:
 
 
 CATEGORIES = [  # (category, predicate on a frame string); the first category found from the leaf up wins
-    ("model management (expert.py)", lambda f: f.endswith("lib_magicfusion/webui/a1111/expert.py") or f.endswith("lib_magicfusion/webui/cache.py")),
+    ("model management (expert.py)", lambda f: f.endswith(("lib_magicfusion/webui/a1111/expert.py", "lib_magicfusion/webui/cache.py"))),
     ("checkpoint load (A1111 sd_models)", lambda f: "sd_models.py" in f and ("load_model" in f or "reload_model_weights" in f)),
     ("UNet", lambda f: "openaimodel.py" in f),
     ("fusion math (fusion.py/snb.py)", lambda f: "lib_magicfusion/fusion.py" in f or "lib_magicfusion/snb.py" in f),
@@ -341,7 +341,8 @@ def main(argv=None) -> int:
 
 def report(result: dict) -> None:
     g = 2**30
-    print("\n| size (steps) | config | plain s (median) | fused s (median) | fused/plain wall (median of pairs) | CPU-time ratio | floor | goal |")
+    print("\n| size (steps) | config | plain s (median) | fused s (median) | fused/plain wall (median of pairs) "
+          "| CPU-time ratio | floor | goal |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for sp in result["speed"].values():
         size = sp["size"]
@@ -352,7 +353,7 @@ def report(result: dict) -> None:
             print(f"| {size} ({sp['steps']}) | {key} | {sp['plain']['plain_s']['median']:.2f} | {r['fused_s']['median']:.2f} | "
                   f"{r['ratio']['median']:.3f} (n={r['ratio']['n']}, {r['ratio']['min']:.3f}-{r['ratio']['max']:.3f}) | {cpu} | "
                   f"{r['floor']:.2f} | <= {r['goal']:.2f}: {'met' if r['goal_met'] else 'MISSED'} |")
-    m, l = result["memory"], result["loading"]
+    m, load = result["memory"], result["loading"]
     print(f"\nexpert UNet weights (status expert_bytes): {m['expert_unet_bytes_status'] / g:.3f} GiB")
     print(f"peak RSS: plain {m['plain_peak'] / g:.2f} GiB; expert=main {m['main_as_expert_peak'] / g:.2f} GiB "
           f"(+{m['main_as_expert_extra'] / 2**20:.0f} MiB, status {m['main_as_expert_status']}); "
@@ -360,9 +361,10 @@ def report(result: dict) -> None:
           f"cached fused {m['cached_fused_peak'] / g:.2f} GiB = +{m['cached_fused_extra_over_expert_unet']:.2f}x; "
           f"switch {m['switch_peak'] / g:.2f} GiB = +{m['switch_extra_over_expert_unet']:.2f}x; "
           f"after unload RSS {m['after_unload_rss'] / g:.2f} GiB")
-    print(f"loading: first fused {l['first_fused_s']:.2f} s, second {l['second_fused_s']:.2f} s, steady (median of the interleaved runs) {l['steady_fused_s_median']:.2f} s "
-          f"(loads {l['loads_after_first']} -> {l['loads_after_second']}); switch {l['switch_s']:.2f} s vs "
-          f"{l['after_switch_s']:.2f} s cached (loads -> {l['loads_after_switch']})")
+    print(f"loading: first fused {load['first_fused_s']:.2f} s, second {load['second_fused_s']:.2f} s, "
+          f"steady (median of the interleaved runs) {load['steady_fused_s_median']:.2f} s "
+          f"(loads {load['loads_after_first']} -> {load['loads_after_second']}); switch {load['switch_s']:.2f} s vs "
+          f"{load['after_switch_s']:.2f} s cached (loads -> {load['loads_after_switch']})")
 
 
 if __name__ == "__main__":

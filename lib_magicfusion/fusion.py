@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 import torch
 
@@ -28,7 +29,8 @@ Space = Literal["x0", "eps"]
 Kind = Literal["x0", "eps", "v"]
 CondsList = Sequence[Sequence[tuple[int, float]]]
 
-__all__ = ["Prediction", "StepPlan", "FusionResult", "SNBFusion", "guided", "guidance_term", "to_host_space", "window_bounds", "sampling_step"]
+__all__ = ["Prediction", "StepPlan", "FusionResult", "SNBFusion", "guided", "guidance_term", "to_host_space", "window_bounds",
+           "sampling_step"]
 
 
 @dataclass
@@ -44,17 +46,17 @@ class Prediction:
     """
 
     cond: torch.Tensor
-    uncond: Optional[torch.Tensor]
+    uncond: torch.Tensor | None
     conds_list: CondsList
     cfg_scale: float
-    result: Optional[torch.Tensor] = None  # the host's own guided prediction, when it made one: used as is
+    result: torch.Tensor | None = None  # the host's own guided prediction, when it made one: used as is
 
     @property
     def batch(self) -> int:
         return len(self.conds_list)
 
     @functools.cached_property
-    def uniform_weight(self) -> Optional[float]:
+    def uniform_weight(self) -> float | None:
         """The common weight when image i's only cond row is row i (no AND-prompts), else None."""
         weights = set()
         for i, conds in enumerate(self.conds_list):
@@ -165,7 +167,7 @@ class StepPlan:
 @dataclass
 class FusionResult:
     denoised: torch.Tensor
-    mask: Optional[torch.Tensor]
+    mask: torch.Tensor | None
 
 
 @dataclass
@@ -186,11 +188,11 @@ class SNBFusion:
     outside: int = 0
     record_masks: bool = False
     method: str = "official"
-    last_mask: Optional[torch.Tensor] = field(default=None, init=False)
+    last_mask: torch.Tensor | None = field(default=None, init=False)
     masks: dict = field(default_factory=dict, init=False)
 
     @classmethod
-    def from_params(cls, params) -> "SNBFusion":
+    def from_params(cls, params) -> SNBFusion:
         """The step for a `FusionParams`: model 0 is the general model, model m >= 1 the m-th
         enabled expert unit (params.active_units[m - 1])."""
         active = params.active_units
@@ -237,7 +239,7 @@ class SNBFusion:
         return StepPlan(True, tuple(range(self.n_models)))
 
     def _saliency_inputs(self, preds: Sequence[Prediction], space: Space,
-                         sigma: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                         sigma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The models' guidance terms stacked (N, B, C, H, W) and their temperatures.
 
         The saliency of |w * s * (c - u)| / sigma is that of |c - u| at temperature
@@ -266,9 +268,9 @@ class SNBFusion:
             temperatures = temperatures / sigma.clamp_min(torch.finfo(dtype).tiny)
         return deltas, temperatures
 
-    def combine(self, plan: StepPlan, preds: Sequence[Optional[Prediction]], space: Space,
-                sigma: Optional[torch.Tensor] = None, step: Optional[int] = None,
-                region: Optional[torch.Tensor] = None) -> FusionResult:
+    def combine(self, plan: StepPlan, preds: Sequence[Prediction | None], space: Space,
+                sigma: torch.Tensor | None = None, step: int | None = None,
+                region: torch.Tensor | None = None) -> FusionResult:
         """The guided prediction for this call. preds[m] must be given for m in plan.models.
         region: where the image is being generated (an inpainting mask, 1 = generated), see
         snb.stacked_saliency; None = everywhere."""

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 __all__ = ["MagicFusionError", "FusionParams", "UnitParams", "Spec", "specs", "spec", "MAX_UNITS", "METHODS",
            "GLOBAL_SPECS", "UNIT_FIELDS", "LEGACY_NAMES", "flat_names", "unit_flat_name"]
@@ -50,15 +51,15 @@ class Spec:
 
     name: str                     # the flat name
     attr: str                     # the attribute in FusionParams, or in UnitParams for a unit field
-    unit: Optional[int]           # the unit's index (0 = unit 1) for a unit field, None for a global one
+    unit: int | None           # the unit's index (0 = unit 1) for a unit field, None for a global one
     default: Any
     label: str
     kind: str                     # bool | str | float | int | choice
     hint: str
-    infotext: Optional[str] = None
-    lo: Optional[float] = None
-    hi: Optional[float] = None
-    choices: Optional[tuple] = None
+    infotext: str | None = None
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple | None = None
     xyz: bool = False
 
 
@@ -133,7 +134,7 @@ def unit_flat_name(unit: int, attr: str) -> str:
     return f"k_expert{n}" if legacy == "k_expert" else legacy.replace("expert", f"expert{n}", 1)
 
 
-def _unit_infotext(unit: int, key: Optional[str]) -> Optional[str]:
+def _unit_infotext(unit: int, key: str | None) -> str | None:
     if key is None or unit == 0:
         return key
     n = unit + 1
@@ -281,7 +282,7 @@ class FusionParams:
     # ---- derived views ----------------------------------------------------------------
 
     @property
-    def outside_unit(self) -> Optional[int]:
+    def outside_unit(self) -> int | None:
         """The unit (0-based) that runs alone outside the window, or None for the general model."""
         if self.outside_window == "general":
             return None
@@ -309,7 +310,7 @@ class FusionParams:
     # ---- constructors -----------------------------------------------------------------
 
     @classmethod
-    def from_flat(cls, values: Mapping[str, Any]) -> "FusionParams":
+    def from_flat(cls, values: Mapping[str, Any]) -> FusionParams:
         """From flat names (every one optional); unknown names are an error."""
         unknown = [key for key in values if key not in _ALL_SPECS]
         if unknown:
@@ -323,7 +324,7 @@ class FusionParams:
         return cls(**globals_, units=tuple(units))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "FusionParams":
+    def from_dict(cls, data: Mapping[str, Any]) -> FusionParams:
         """The API's named form: flat names, and/or `units`, a list of objects with the unit fields
         (enabled, checkpoint, prompt, negative_prompt, k, cfg_scale) for units 1, 2, … (a listed unit is
         enabled unless it says otherwise). A unit may not be given both ways."""
@@ -352,7 +353,7 @@ class FusionParams:
         return cls.from_flat(flat)
 
     @classmethod
-    def from_args(cls, args: Sequence[Any]) -> "FusionParams":
+    def from_args(cls, args: Sequence[Any]) -> FusionParams:
         """From a script's argument tuple: the UI's positional values (any unit count, or the first
         release's 15 values), or one dict of named fields."""
         if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
@@ -368,7 +369,7 @@ class FusionParams:
         return cls.from_flat(dict(zip(layouts[len(args)], args)))
 
     @classmethod
-    def from_infotext(cls, params: Mapping[str, str]) -> "FusionParams | None":
+    def from_infotext(cls, params: Mapping[str, str]) -> FusionParams | None:
         """From a parsed infotext dict; None when the image was not made with MagicFusion.
 
         A unit is on when its checkpoint key is there. An infotext without a method key was
@@ -390,7 +391,7 @@ class FusionParams:
 
     # ---- views ------------------------------------------------------------------------
 
-    def to_flat(self, n_units: Optional[int] = None) -> dict[str, Any]:
+    def to_flat(self, n_units: int | None = None) -> dict[str, Any]:
         n = len(self.units) if n_units is None else n_units
         out = {}
         for s in specs(max(1, n)):
@@ -402,16 +403,16 @@ class FusionParams:
                 out[s.name] = s.default
         return out
 
-    def to_args(self, n_units: Optional[int] = None) -> list:
+    def to_args(self, n_units: int | None = None) -> list:
         return list(self.to_flat(n_units).values())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes) -> "FusionParams":
+    def replace(self, **changes) -> FusionParams:
         return dataclasses.replace(self, **changes)
 
-    def replace_unit(self, index: int, **changes) -> "FusionParams":
+    def replace_unit(self, index: int, **changes) -> FusionParams:
         units = list(self.units)
         units[index] = dataclasses.replace(units[index], **changes)
         return self.replace(units=tuple(units))

@@ -15,7 +15,7 @@ The operators follow the official MagicFusion code exactly:
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ def k_column(ks: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 def stacked_saliency(deltas: torch.Tensor, temperatures: torch.Tensor, blur: int = 4,
-                     region: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     region: torch.Tensor | None = None) -> torch.Tensor:
     """Saliency of N models' guidance terms stacked as (N, B, C, H, W) -> (N, B, 1, H, W).
 
     temperatures: k per model, (N, 1, 1), or per model and sample, (N, B, 1). The blur, the

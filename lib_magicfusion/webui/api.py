@@ -7,7 +7,6 @@ import secrets
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-
 from modules import script_callbacks, shared
 
 from .. import __version__

@@ -6,7 +6,8 @@ import gc
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Optional
+from collections.abc import Callable, Hashable
+from typing import Any
 
 LOCK = threading.RLock()  # guards the cache; generations run one at a time under the WebUI's queue lock
 
@@ -18,11 +19,11 @@ class ExpertCache:
     after a while without fusion, and `drop_if` frees those a new main model cannot use."""
 
     def __init__(self, free: Callable[[], None] = gc.collect):
-        self.experts: "OrderedDict[Hashable, Any]" = OrderedDict()
+        self.experts: OrderedDict[Hashable, Any] = OrderedDict()
         self.loads = 0
         self.last_used = time.monotonic()
         self._free = free
-        self._timer: Optional[threading.Timer] = None
+        self._timer: threading.Timer | None = None
 
     def get(self, key: Hashable, load: Callable[[], Any]):
         with LOCK:
@@ -41,7 +42,7 @@ class ExpertCache:
             self._timer.cancel()
             self._timer = None
 
-    def unload(self, key: Optional[Hashable] = None) -> bool:
+    def unload(self, key: Hashable | None = None) -> bool:
         """Free one expert (by key) or all; whether any was loaded. Generations drop their own
         references when they end, so the memory returns here."""
         with LOCK:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from modules import call_queue, infotext_utils, shared
 
@@ -11,7 +12,7 @@ from . import host, masks
 from .generation import ATTR, Generation
 
 XYZ_PREFIX = "magicfusion_"
-last_report: Optional[dict] = None  # what the last finished fused generation did (GET /magicfusion/v1/status)
+last_report: dict | None = None  # what the last finished fused generation did (GET /magicfusion/v1/status)
 
 
 def parse(p, args: Sequence[Any]) -> FusionParams:

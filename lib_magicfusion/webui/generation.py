@@ -25,10 +25,9 @@ loading, compatibility, networks, encoding and the sampling hook.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
-
 from modules import devices, prompt_parser, sd_samplers, shared
 
 from ..fusion import SNBFusion
@@ -57,7 +56,7 @@ class Unit:
     prompt: str                          # its prompt without network tags ("" = the main prompts)
     nets: Any                            # its networks (host-specific); None = the main prompt's (empty unit prompt)
     expert: Any = None                   # the host's expert (a model and how to run it)
-    conds: Optional[PassConds] = None
+    conds: PassConds | None = None
     is_main: bool = False                # its checkpoint is the main one
 
     def field(self, attr: str) -> str:
@@ -89,7 +88,7 @@ class Generation:
         self.params = params
         self.fusion = SNBFusion.from_params(params)
         self.units: list[Unit] = []
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.active = False                 # fusing in the current sampling pass
         self.call = None                    # the denoiser call in flight (the host's)
         self.passes: list[PassRecord] = []
@@ -97,12 +96,12 @@ class Generation:
     # ---- lookup -----------------------------------------------------------------------
 
     @staticmethod
-    def of(p) -> Optional["Generation"]:
+    def of(p) -> Generation | None:
         gen = getattr(p, ATTR, None) if p is not None else None
         return gen if isinstance(gen, Generation) and gen.p is p else None
 
     @classmethod
-    def start(cls, p, params: FusionParams) -> "Generation":
+    def start(cls, p, params: FusionParams) -> Generation:
         gen = cls(p, params)
         setattr(p, ATTR, gen)
         try:
@@ -112,7 +111,7 @@ class Generation:
         return gen
 
     @classmethod
-    def failed(cls, p, error: BaseException) -> "Generation":
+    def failed(cls, p, error: BaseException) -> Generation:
         """A generation that asked for fusion but cannot have it: it fails at its first model call."""
         gen = cls(p, FusionParams())
         setattr(p, ATTR, gen)
@@ -131,7 +130,7 @@ class Generation:
             raise self.error
 
     @property
-    def record(self) -> Optional[PassRecord]:
+    def record(self) -> PassRecord | None:
         return self.passes[-1] if self.passes else None
 
     # ---- process ----------------------------------------------------------------------

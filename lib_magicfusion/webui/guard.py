@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any, Optional
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -138,7 +138,7 @@ class MagicFusionGuard:
         await self.app(scope, replay, send)
 
     @staticmethod
-    def _check(scope, body: bytes) -> Optional[MagicFusionError]:
+    def _check(scope, body: bytes) -> MagicFusionError | None:
         try:
             headers = dict((k.lower(), v) for k, v in scope.get("headers", []))
             if not _authorized(headers):

@@ -8,9 +8,8 @@ green; a mask pixel shows the model whose prediction was used there.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
 from modules import images, shared
+from PIL import Image, ImageDraw, ImageFont
 
 GAP = 2
 COLOURS = [(0, 0, 0), (255, 255, 255), (228, 64, 56), (56, 112, 232), (64, 196, 96)]  # general, units 1..4

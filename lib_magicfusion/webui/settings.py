@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gradio as gr
-
 from modules import shared
 
 from ..params import MAX_UNITS

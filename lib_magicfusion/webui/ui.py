@@ -11,7 +11,6 @@ to read the defaults.
 from __future__ import annotations
 
 import gradio as gr
-
 from modules import sd_models, shared
 from modules.ui_common import create_refresh_button
 from modules.ui_components import FormRow, InputAccordion, ToolButton

@@ -8,8 +8,8 @@ the WebUI's CFGDenoiser does, so the fusion step is exercised as the extension u
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -120,9 +120,9 @@ class Host:
     conds: Sequence[Conditioning]
     space: str = "x0"
     steps: int = 10
-    fusion: Optional[SNBFusion] = None
-    skip_uncond: Optional[callable] = None
-    total_calls: Optional[int] = None
+    fusion: SNBFusion | None = None
+    skip_uncond: callable | None = None
+    total_calls: int | None = None
     call: int = 0
     masks: list = field(default_factory=list)
     plans: list = field(default_factory=list)
@@ -206,7 +206,7 @@ def sample_ddim(host: Host, seed: int = 0, batch: int = 1, size: int = 16) -> to
     x = torch.randn(batch, 4, size, size, generator=g)
     host.call = 0
     with torch.no_grad():
-        for i, t in enumerate(reversed(timesteps.tolist())):
+        for t in reversed(timesteps.tolist()):
             a = acp[t]
             a_prev = acp[t - 1000 // host.steps] if t - 1000 // host.steps >= 0 else torch.tensor(1.0)
             eps = host(x, torch.full((batch,), float(t)))

@@ -7,8 +7,18 @@ import torch
 
 from lib_magicfusion.fusion import Prediction, SNBFusion, StepPlan, to_host_space, window_bounds
 from tests.unit.harness import (
-    KDIFF_SAMPLERS, Conditioning, EpsModel, Host, Model, TimestepEps, VTwin, alphas_cumprod, kdiff_wrapper,
-    prompt, sample_ddim, sample_kdiff,
+    KDIFF_SAMPLERS,
+    Conditioning,
+    EpsModel,
+    Host,
+    Model,
+    TimestepEps,
+    VTwin,
+    alphas_cumprod,
+    kdiff_wrapper,
+    prompt,
+    sample_ddim,
+    sample_kdiff,
 )
 
 SAMPLERS = ["Euler", "Euler a", "DPM++ 2M", "DDIM"]

@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lib_magicfusion.params import (
-    MAX_UNITS, FusionParams, MagicFusionError, UnitParams, flat_names, specs, unit_flat_name,
+    MAX_UNITS,
+    FusionParams,
+    MagicFusionError,
+    UnitParams,
+    flat_names,
+    specs,
+    unit_flat_name,
 )
 
 GOOD = dict(enabled=True, expert_checkpoint="anything-v3.safetensors [abcdef1234]", k_expert=2.0)
@@ -135,8 +141,9 @@ def test_infotext_of_the_first_release_means_the_official_method():
 
 
 def test_infotext_of_several_units():
-    p = FusionParams.from_dict({"enabled": True, "outside_window": "expert 3", "units": [
-        {"checkpoint": "a", "enabled": False, "k": 3.0}, {"checkpoint": "b", "k": 0.5}, {"checkpoint": "c", "prompt": "p", "cfg_scale": 4.0}]})
+    units = [{"checkpoint": "a", "enabled": False, "k": 3.0}, {"checkpoint": "b", "k": 0.5},
+             {"checkpoint": "c", "prompt": "p", "cfg_scale": 4.0}]
+    p = FusionParams.from_dict({"enabled": True, "outside_window": "expert 3", "units": units})
     text = p.infotext()
     assert "MagicFusion expert" not in text and "MagicFusion k expert" not in text  # a unit that is off is not written
     assert text["MagicFusion expert 2"] == "b" and text["MagicFusion k expert 2"] == 0.5
@@ -152,7 +159,8 @@ def test_schema_describes_every_field_and_units():
     assert schema["properties"]["outside_window"]["enum"][:3] == ["general", "expert", "expert 2"]
     assert schema["properties"]["k_expert"]["minimum"] == 0.0
     assert schema["properties"]["units"]["maxItems"] == MAX_UNITS
-    assert set(schema["properties"]["units"]["items"]["properties"]) == {"enabled", "checkpoint", "prompt", "negative_prompt", "k", "cfg_scale"}
+    unit_fields = {"enabled", "checkpoint", "prompt", "negative_prompt", "k", "cfg_scale"}
+    assert set(schema["properties"]["units"]["items"]["properties"]) == unit_fields
     assert schema["additionalProperties"] is False
 
 
@@ -167,4 +175,5 @@ def test_any_payload_is_accepted_or_rejected_with_a_named_field(payload):
         assert str(e).startswith("MagicFusion ") and e.field
         assert e.field in flat_names() + ("bogus",)
     else:
-        assert FusionParams.from_args(p.to_args(MAX_UNITS)) == p.replace(units=p.units + tuple(UnitParams() for _ in range(MAX_UNITS - len(p.units))))
+        padded = p.replace(units=p.units + tuple(UnitParams() for _ in range(MAX_UNITS - len(p.units))))
+        assert FusionParams.from_args(p.to_args(MAX_UNITS)) == padded

@@ -19,10 +19,9 @@ from __future__ import annotations
 import contextlib
 import gc
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
-
 from modules import devices, sd_disable_initialization, sd_hijack, sd_models, sd_models_config, sd_models_xl, sd_unet, shared
 from modules.timer import Timer
 
@@ -73,14 +72,14 @@ def text_encoder_family(model) -> tuple[str, ...]:
     return (type(getattr(encoder, "wrapped", encoder)).__name__,)
 
 
-def _cond_widths(cond) -> tuple[int, Optional[int]]:
+def _cond_widths(cond) -> tuple[int, int | None]:
     if isinstance(cond, dict):
         vector = cond.get("vector")
         return cond["crossattn"].shape[-1], (vector.shape[-1] if vector is not None else None)
     return cond.shape[-1], None
 
 
-def _unet_widths(model) -> tuple[Optional[int], Optional[int]]:
+def _unet_widths(model) -> tuple[int | None, int | None]:
     """The cross-attention context width and the size of the `vector` (SDXL's adm) the UNet expects."""
     unet = model.model.diffusion_model
     context = next((m.in_features for name, m in unet.named_modules() if name.endswith("attn2.to_k")), None)
@@ -255,7 +254,7 @@ def text_encoder_ready(expert: Expert):
         encoder.to(devices.cpu)
 
 
-def expert_memory_bytes(expert: Optional[Expert]) -> int:
+def expert_memory_bytes(expert: Expert | None) -> int:
     """Bytes of weights an expert holds beyond the main model (its UNet and text encoder)."""
     if expert is None or expert.is_main:
         return 0

@@ -4,7 +4,6 @@ webui/generation.py for the lifecycle)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 from modules import sd_models, shared
 
@@ -16,7 +15,7 @@ from . import networks
 class A1111Generation(Generation):
     def __init__(self, p, params):
         super().__init__(p, params)
-        self.main_nets: Optional[list] = None   # the main prompt's networks in this pass
+        self.main_nets: list | None = None   # the main prompt's networks in this pass
         self.main_flipped = False               # a unit's networks were merged into the main model's layers
 
     def resolve_networks(self, tags, field_name):
@@ -67,6 +66,6 @@ class A1111Generation(Generation):
         return unit.nets.key == networks.NetworkSet(list(self.main_nets or [])).key
 
 
-def unit_nets(unit: Unit) -> Optional[list]:
+def unit_nets(unit: Unit) -> list | None:
     """The unit's Network objects, or None for "the main prompt's"."""
     return None if unit.nets is None else unit.nets.nets

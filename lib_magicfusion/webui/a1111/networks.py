@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ def split_prompt(prompt: str) -> tuple[str, dict]:
     return extra_networks.parse_prompt(prompt)
 
 
-def _multipliers(params) -> tuple[str, float, float, Optional[int]]:
+def _multipliers(params) -> tuple[str, float, float, int | None]:
     # The WebUI's own reading of <lora:name:te:unet:dyn> (extra_networks_lora.ExtraNetworkLora.activate).
     name = params.positional[0]
     te = float(params.positional[1]) if len(params.positional) > 1 else 1.0
@@ -121,14 +122,14 @@ def _on_disk(nw, name):
     return found
 
 
-def current() -> Optional[list]:
+def current() -> list | None:
     """The main prompt's networks as the WebUI activated them for this batch (None: no extension)."""
     nw = module()
     return None if nw is None else list(nw.loaded_networks)
 
 
 @contextlib.contextmanager
-def using(nets: Optional[Sequence]):
+def using(nets: Sequence | None):
     """`loaded_networks` holds `nets` meanwhile (a list of Network objects; None changes nothing)."""
     nw = module()
     if nets is None or nw is None:
@@ -164,7 +165,7 @@ def name_layers(model) -> None:
     model.network_layer_mapping = mapping
 
 
-def restore(model, nets: Optional[Sequence]) -> None:
+def restore(model, nets: Sequence | None) -> None:
     """Make every named layer of `model` hold exactly `nets` again (after a unit's set was merged
     into it). Layers that already do are not touched."""
     nw = module()

@@ -13,8 +13,8 @@ A cond batch is a tensor (rows, tokens, width) or, for SDXL, a dict with "crossa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -73,7 +73,7 @@ def _with_crossattn(cond, crossattn):
     return crossattn
 
 
-def pad(cond, uncond, empty: Optional[torch.Tensor], *, v0: bool, pad_cond_uncond: bool):
+def pad(cond, uncond, empty: torch.Tensor | None, *, v0: bool, pad_cond_uncond: bool):
     """Cond and uncond brought to one token length as the WebUI's options say: `v0` repeats the
     uncond's last token vector (or cuts it); `pad_cond_uncond` appends the model's empty-prompt
     chunk (`empty`, (1, 77, width)) to the shorter one. Otherwise both are returned unchanged."""
@@ -104,7 +104,7 @@ def pad(cond, uncond, empty: Optional[torch.Tensor], *, v0: bool, pad_cond_uncon
 @dataclass
 class Outputs:
     cond: torch.Tensor              # (R, C, H, W)
-    uncond: Optional[torch.Tensor]  # (B, C, H, W), None when skipped
+    uncond: torch.Tensor | None  # (B, C, H, W), None when skipped
 
 
 def evaluate(model: Callable, x: torch.Tensor, sigma: torch.Tensor, image_cond: torch.Tensor, cond, uncond,

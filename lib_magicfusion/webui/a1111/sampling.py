@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
-
 from modules import prompt_parser, script_callbacks, shared
 
 from ...fusion import Prediction, StepPlan, sampling_step
 from ...params import MagicFusionError
 from ...snb import blend
-from . import networks, rows
 from ..generation import Generation, Unit
+from . import networks, rows
 from .generation import unit_nets
 
 GENERAL = 0
@@ -48,7 +47,7 @@ class UnitCall:
     mode: str                      # reuse: the main rows are its rows | rows: its cond rows ride in the main call | own: a call of its own
     shares_uncond: bool            # its uncond is the main model's (one checkpoint, one negative prompt)
     first: int = 0                 # mode rows: its first row in the main call
-    outputs: Optional[rows.Outputs] = None
+    outputs: rows.Outputs | None = None
 
     @property
     def n(self) -> int:
@@ -69,7 +68,7 @@ class Call:
     skip_uncond: bool
     units: dict = field(default_factory=dict)   # fusion model index -> UnitCall
     seen_rows: int = 0               # rows the WebUI sent through the gate in this call
-    deltas: Optional[networks.RowDeltas] = None
+    deltas: networks.RowDeltas | None = None
 
     @property
     def alone(self) -> bool:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
-
 from modules import shared
 
 from ...params import MagicFusionError
@@ -108,7 +107,7 @@ def get(info, field_name: str, slot: int = 0) -> ForgeExpert:
     return cache.get((info.filename, slot), load)
 
 
-def memory_bytes(expert: Optional[ForgeExpert]) -> int:
+def memory_bytes(expert: ForgeExpert | None) -> int:
     """Bytes of weights an expert engine holds beyond the main model (UNet, text encoders, VAE)."""
     if expert is None or expert.is_main or expert.engine is None:
         return 0

@@ -25,10 +25,9 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
-
 from modules import prompt_parser, script_callbacks
 
 from ...fusion import Prediction, StepPlan, sampling_step
@@ -43,7 +42,7 @@ GENERAL = 0
 class Call:
     denoiser: Any
     step: int
-    plan: Optional[StepPlan] = None
+    plan: StepPlan | None = None
     cond_scale: float = 1.0
     skip_uncond: bool = False
     text_uncond: Any = None
