@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Installs the test environment (a venv in .venv, from requirements-test.txt) and runs the tests:
-# the unit tests always, the WebUI suite when an AUTOMATIC1111 install is found
-# (MAGICFUSION_WEBUI_DIR, default ~/stable-diffusion-webui). Build that install once with
-#     python3 tests/webui/setup_webui.py
-# (see tests/webui/README.md). Arguments are passed to both pytest runs.
+# the unit tests always, then the WebUI suite (one pytest run over tests/webui) against every
+# host whose install is found:
+#   AUTOMATIC1111  MAGICFUSION_WEBUI_DIR, default ~/stable-diffusion-webui;       build it with
+#                      python3 tests/webui/setup_webui.py
+#   WebUI Forge    MAGICFUSION_FORGE_DIR, default ~/stable-diffusion-webui-forge; build it with
+#                      python3 tests/webui/setup_webui.py --host forge
+# (see tests/webui/README.md). A missing host's tests are skipped with a banner that names the
+# command (MAGICFUSION_WEBUI_REQUIRED=1 makes that an error). Arguments are passed to both pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,14 +29,24 @@ echo "== unit tests"
 "$venv/bin/python" -m pytest tests/unit "$@"
 
 echo "== WebUI tests"
-webui_dir="${MAGICFUSION_WEBUI_DIR:-$HOME/stable-diffusion-webui}"
-if ! "$venv/bin/python" tests/webui/setup_webui.py --check --quiet --no-browser; then
-    echo "!! The WebUI tests need the pinned AUTOMATIC1111 test install at $webui_dir,"
-    echo "!! which is missing or incomplete (see above). Build or repair it (once; about 7 GB) with:"
-    if [ "$webui_dir" = "$HOME/stable-diffusion-webui" ]; then
-        echo "!!     python3 tests/webui/setup_webui.py"
+for host in a1111 forge; do
+    if [ "$host" = forge ]; then
+        title="WebUI Forge"; dir="${MAGICFUSION_FORGE_DIR:-$HOME/stable-diffusion-webui-forge}"
+        default="$HOME/stable-diffusion-webui-forge"; cmd="python3 tests/webui/setup_webui.py --host forge"
+        size="about 7 GB, and its fixtures 4.3 GB more at the first test run"
     else
-        echo "!!     python3 tests/webui/setup_webui.py --dir $webui_dir"
+        title="AUTOMATIC1111"; dir="${MAGICFUSION_WEBUI_DIR:-$HOME/stable-diffusion-webui}"
+        default="$HOME/stable-diffusion-webui"; cmd="python3 tests/webui/setup_webui.py"; size="about 7 GB"
     fi
-fi
+    [ "$dir" = "$default" ] || cmd="$cmd --dir $dir"
+    if "$venv/bin/python" tests/webui/setup_webui.py --host "$host" --check --quiet --no-browser; then
+        echo "== host $host: $dir"
+    else
+        echo "!! The $host tests need the pinned $title test install at $dir,"
+        echo "!! which is missing or incomplete (see above): they are skipped (or fail, where it is half"
+        echo "!! there). Build or repair it"
+        echo "!! (once; $size) with:"
+        echo "!!     $cmd"
+    fi
+done
 "$venv/bin/python" -m pytest tests/webui "$@"

@@ -3,6 +3,7 @@ repositories made here (no network, no venv)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -230,7 +231,7 @@ def test_check_reports_what_is_missing(repos, tmp_path, monkeypatch, capsys):
     before = sorted(os.listdir(install))
     assert sw.main([*base, "--check"]) == 1
     out = capsys.readouterr().out
-    assert "lib: missing" in out and "launch.py: blob" in out and "Run: python3 tests/webui/setup_webui.py --dir" in out
+    assert "lib: missing" in out and "launch.py: blob" in out and "Run: python3 tests/webui/setup_webui.py --host test --dir" in out
     assert "venv: missing" in out
     assert sorted(os.listdir(install)) == before  # --check changes nothing
 
@@ -304,7 +305,7 @@ def test_venv_problems_compare_with_the_plan():
 
 def test_the_a1111_spec_pins_what_its_launcher_pins():
     host = sw.HOSTS["a1111"]
-    assert list(sw.HOSTS) == ["a1111"]
+    assert list(sw.HOSTS) == ["a1111", "forge"]
     pins = {s.name: (s.commit, s.target) for s in host.sources}
     assert pins == {
         "webui": ("82a973c04367123ae98bd9abdf80d9eda9b910e2", "."),
@@ -321,3 +322,137 @@ def test_the_a1111_spec_pins_what_its_launcher_pins():
     assert host.source("k-diffusion").env == "MAGICFUSION_SRC_K_DIFFUSION"
     cons = sw.parse_pins(open(os.path.join(sw.HERE, host.constraints_file)).read())
     assert cons["torch"] == "==2.14.1" and cons["torchvision"] == "==0.29.1" and "clip" not in cons
+
+
+# --------------------------------------------------------------------------- the forge host
+
+FORGE_FILES = {"launch.py": "print('forge')\n", "modules_forge/forge_version.py": "version = '2.0.1v1.10.1'\n",
+               "requirements_versions.txt": "setuptools==69.5.1  # temp fix for compatibility with some old packages\n"
+                                            "GitPython==3.1.32\ntorch\ngradio==4.40.0\n",
+               "webui.sh": "#!/bin/sh\necho forge\n"}
+GUESS_FILES = {"huggingface_guess/__init__.py": "from .detection import *\n",
+               "huggingface_guess/model_list.py": "SD15 = 1\n"}
+
+
+def forge_like(forge_commit, guess_commit):
+    """The real Forge spec with its two Forge-only sources replaced by local test repositories
+    (the shared assets, BLIP and CLIP sources dropped): everything else is sw.FORGE's."""
+    return dataclasses.replace(sw.FORGE, sources=(
+        dataclasses.replace(sw.FORGE.source("forge"), commit=forge_commit,
+                            fingerprints=fingerprints(FORGE_FILES, ["launch.py", "modules_forge/forge_version.py"])),
+        dataclasses.replace(sw.FORGE.source("huggingface-guess"), commit=guess_commit,
+                            fingerprints=fingerprints(GUESS_FILES, list(GUESS_FILES))),
+    ))
+
+
+@pytest.fixture()
+def forge_repos(tmp_path, monkeypatch):
+    forge = tmp_path / "src" / "forge"
+    guess = tmp_path / "src" / "guess"
+    host = forge_like(make_repo(forge, FORGE_FILES), make_repo(guess, GUESS_FILES))
+    monkeypatch.setitem(sw.HOSTS, "forge", host)
+    for k in [k for k in os.environ if k.startswith(("MAGICFUSION_SRC_", "MAGICFUSION_WEBUI_DIR", "MAGICFUSION_FORGE_DIR"))]:
+        monkeypatch.delenv(k)
+    return {"forge": str(forge), "guess": str(guess), "host": host}
+
+
+def test_the_forge_spec_pins_what_its_launcher_pins():
+    host = sw.HOSTS["forge"]
+    pins = {s.name: (s.commit, s.target) for s in host.sources}
+    assert pins == {
+        "forge": ("dfdcbab685e57677014f05a3309b48cc87383167", "."),
+        "assets": ("6f7db241d2f8ba7457bac5ca9753331f0c266917", "repositories/stable-diffusion-webui-assets"),
+        "huggingface-guess": ("84826248b49bb7ca754c73293299c4d4e23a548d", "repositories/huggingface_guess"),
+        "blip": ("48211a1594f1321b00f14c9f7a5b4813144b2fb9", "repositories/BLIP"),
+        "clip": ("d50d76daa670286dd6cacf3bcd80b5e4823fc8e1", None),
+    }
+    a1111 = sw.HOSTS["a1111"]
+    for shared in ("assets", "blip", "clip"):  # the same sources, so one local copy serves both hosts
+        assert host.source(shared) == a1111.source(shared)
+    assert host.source("forge").env == "MAGICFUSION_SRC_FORGE"  # never A1111's MAGICFUSION_SRC_WEBUI
+    assert host.source("huggingface-guess").env == "MAGICFUSION_SRC_HUGGINGFACE_GUESS"
+    assert all(len(s.fingerprints) >= 2 for s in host.sources)
+    assert host.torch == a1111.torch and host.python == "3.11"
+    assert set(host.drop_requirements) == {"torch", "setuptools"}
+    assert host.extra_requirements[0] == "setuptools>=77.0.3,<81" and "joblib" in host.extra_requirements
+    assert (host.default_dir, host.env_dir, host.browser) == ("~/stable-diffusion-webui-forge", "MAGICFUSION_FORGE_DIR",
+                                                             False)
+    cons = sw.parse_pins(open(os.path.join(sw.HERE, host.constraints_file)).read())
+    assert cons["torch"] == "==2.14.1" and cons["torchvision"] == "==0.29.1" and "clip" not in cons
+    assert cons["gradio"] == "==4.40.0" and "joblib" in cons and sw.version_matches(cons["setuptools"][2:], "<81")
+
+
+def test_forge_requirements_drop_torch_and_setuptools_and_add_the_fixes(forge_repos, tmp_path):
+    install = tmp_path / "forge"
+    run_setup(forge_repos["host"], install, {"forge": forge_repos["forge"], "huggingface-guess": forge_repos["guess"]})
+    plan = sw.venv_plan(forge_repos["host"], str(install), os.path.join(sw.HERE, "constraints-forge.txt"))
+    assert plan.requirements == "GitPython==3.1.32\ngradio==4.40.0\nsetuptools>=77.0.3,<81\njoblib\n"
+    assert plan.pins == "torch==2.14.1\ntorchvision==0.29.1\n"
+    assert plan.constraints_path.endswith("constraints-forge.txt")
+
+
+def test_forge_builds_at_its_default_dir_from_sources_in_the_environment(forge_repos, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MAGICFUSION_WEBUI_DIR", str(tmp_path / "not-this-one"))  # A1111's: ignored for forge
+    monkeypatch.setenv("MAGICFUSION_SRC_FORGE", forge_repos["forge"])
+    monkeypatch.setenv("MAGICFUSION_SRC_HUGGINGFACE_GUESS", forge_repos["guess"])
+    assert sw.main(["--host", "forge", "--skip-venv", "-q"]) == 0
+    install = tmp_path / "stable-diffusion-webui-forge"
+    assert (install / "modules_forge" / "forge_version.py").is_file()
+    assert (install / "repositories" / "huggingface_guess" / "huggingface_guess" / "model_list.py").is_file()
+    assert json.loads((install / sw.STATE_FILE).read_text())["host"] == "forge"
+    assert not (tmp_path / "not-this-one").exists()
+    monkeypatch.setenv("MAGICFUSION_FORGE_DIR", str(tmp_path / "elsewhere"))
+    assert sw.default_dir(sw.HOSTS["forge"]) == str(tmp_path / "elsewhere")
+    assert sw.default_dir(sw.HOSTS["a1111"]) == str(tmp_path / "not-this-one")
+
+
+def test_forge_check_names_the_forge_setup_command_and_skips_chromium(forge_repos, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MAGICFUSION_CHROMIUM", str(tmp_path / "no-chromium"))
+    assert sw.main(["--host", "forge", "--check"]) == 1
+    out = capsys.readouterr().out
+    assert f"no install at {tmp_path / 'stable-diffusion-webui-forge'}" in out
+    assert "Run: python3 tests/webui/setup_webui.py --host forge" in out and "--dir" not in out
+    install = tmp_path / "sd-forge"
+    run_setup(forge_repos["host"], install, {"forge": forge_repos["forge"], "huggingface-guess": forge_repos["guess"]})
+    assert sw.main(["--host", "forge", "--dir", str(install), "--check", "--skip-venv"]) == 0
+    assert "chromium" not in capsys.readouterr().out  # the browser tests are A1111's
+    assert sw.main(["--host", "forge", "--dir", str(install), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "venv: missing" in out and f"--host forge --dir {install}" in out and "chromium" not in out
+
+
+def test_an_install_of_one_host_is_not_taken_for_the_other(forge_repos, repos, tmp_path, capsys):
+    install = tmp_path / "sd"
+    run_setup(forge_repos["host"], install, {"forge": forge_repos["forge"], "huggingface-guess": forge_repos["guess"]})
+    with pytest.raises(sw.SetupError, match="set up for the host 'forge', not 'test'"):
+        run_setup(repos["host"], install, {"webui": repos["webui"], "lib": repos["lib"]})
+    assert sw.main(["--dir", str(install), "--check", "--skip-venv", "--no-browser"]) == 1
+    assert "set up for the host 'forge', not 'a1111'" in capsys.readouterr().out
+
+
+def test_a_forge_tree_found_in_place_is_adopted_and_a_wrong_one_refused(forge_repos, tmp_path):
+    install = tmp_path / "forge"
+    for rel, text in {**FORGE_FILES, **{"repositories/huggingface_guess/" + k: v for k, v in GUESS_FILES.items()}}.items():
+        (install / rel).parent.mkdir(parents=True, exist_ok=True)
+        (install / rel).write_text(text)
+    flags = {"forge": str(tmp_path / "gone"), "huggingface-guess": str(tmp_path / "gone")}
+    assert run_setup(forge_repos["host"], install, flags) == []  # adopted: the sources were not even needed
+    assert json.loads((install / sw.STATE_FILE).read_text())["host"] == "forge"
+    (install / "modules_forge" / "forge_version.py").write_text("version = 'other'\n")
+    with pytest.raises(sw.SetupError, match="forge: .* differs from .*modules_forge/forge_version.py"):
+        run_setup(forge_repos["host"], install, {"forge": forge_repos["forge"], "huggingface-guess": forge_repos["guess"]})
+
+
+def test_list_sources_for_forge(capsys):
+    assert sw.main(["--host", "forge", "--list-sources"]) == 0
+    out = capsys.readouterr().out
+    assert "MAGICFUSION_SRC_FORGE" in out and "MAGICFUSION_SRC_HUGGINGFACE_GUESS" in out
+    assert "repositories/huggingface_guess" in out and "stable-diffusion-stability-ai" not in out
+
+
+def test_setup_command_per_host(tmp_path):
+    assert sw.setup_command(None, sw.HOSTS["forge"]) == "python3 tests/webui/setup_webui.py --host forge"
+    assert sw.setup_command(str(tmp_path), sw.HOSTS["forge"]) == f"python3 tests/webui/setup_webui.py --host forge --dir {tmp_path}"
+    assert sw.setup_command(os.path.expanduser("~/stable-diffusion-webui")) == "python3 tests/webui/setup_webui.py"

@@ -1,11 +1,13 @@
-"""Start and stop a real AUTOMATIC1111 WebUI for the sd-webui-magicfusion tests.
+"""Start and stop a real WebUI for the sd-webui-magicfusion tests: AUTOMATIC1111 (the host
+``"a1111"``, the default) or WebUI Forge (``"forge"``).
 
-Used as a pytest session fixture (see ``conftest.py``) and as a command-line tool::
+Used as pytest session fixtures (see ``conftest.py``) and as a command-line tool::
 
     python tests/webui/server.py            # start, print the URL, serve until Ctrl-C
     python tests/webui/server.py --smoke    # start, make one 64x64 image, stop
-    python tests/webui/server.py --fixtures # only (re)build the tiny checkpoints
+    python tests/webui/server.py --fixtures # only (re)build the checkpoints; print their dir
     python tests/webui/server.py --ui       # serve the Gradio page too (for a browser)
+    python tests/webui/server.py --host forge [--smoke|--fixtures|--ui]   # the same with Forge
 
 Any Python >= 3.9 runs this file (stdlib only; the client helpers also need requests,
 numpy and Pillow). The WebUI itself and the fixture generator run under the WebUI's
@@ -24,6 +26,18 @@ Environment variables:
     seconds to wait for the API (default 300).
 ``MAGICFUSION_WEBUI_KEEP``
     set to 1 to keep the private data dir (with ``webui.log``) after stopping.
+``MAGICFUSION_FORGE_DIR``, ``MAGICFUSION_FORGE_PYTHON``, ``MAGICFUSION_FORGE_CACHE``
+    the same three for Forge (default ``~/stable-diffusion-webui-forge``, its ``venv/bin/python``,
+    ``${XDG_CACHE_HOME:-~/.cache}/sd-webui-magicfusion/forge-fixtures``).
+``MAGICFUSION_FORGE_SDXL``
+    set to 1 to build (and list) the Forge SDXL fixture too (6.9 GB; it does not fit beside an
+    SD1.5 expert in 24 GB on the CPU).
+
+Forge runs with ``--always-cpu`` (fp32 on the CPU) and full-size SD1.5 fixtures with random
+weights (``make_forge_fixtures.py``): Forge recognises checkpoints by their tensors, so the tiny
+A1111 fixtures are not models to it. Forge answers ``/sdapi/v1/*`` before its start-up has
+finished, and a generation sent then can leave wrong default script arguments cached for every
+later request, so it counts as ready only after its ``Startup time:`` line AND the API answering.
 
 The server always runs offline (``--skip-prepare-environment``, ``HF_HUB_OFFLINE=1``,
 ``TRANSFORMERS_OFFLINE=1``, a private ``HF_HOME``), bound to 127.0.0.1 on a free port,
@@ -62,18 +76,27 @@ TESTBED_NAME = "magicfusion-testbed"
 TESTBED_SOURCE = os.path.join(HERE, "testbed_extension")
 TESTBED_MARKER = ".magicfusion-testbed-copy"  # marks a copy that install_testbed may replace
 GENERATOR = os.path.join(HERE, "make_fixtures.py")
+FORGE_GENERATOR = os.path.join(HERE, "make_forge_fixtures.py")
+HOSTS = ("a1111", "forge")
 
 ENV_DIR = "MAGICFUSION_WEBUI_DIR"
 ENV_PYTHON = "MAGICFUSION_WEBUI_PYTHON"
 ENV_CACHE = "MAGICFUSION_WEBUI_CACHE"
 ENV_TIMEOUT = "MAGICFUSION_WEBUI_STARTUP_TIMEOUT"
 ENV_KEEP = "MAGICFUSION_WEBUI_KEEP"
+ENV_FORGE_DIR = "MAGICFUSION_FORGE_DIR"
+ENV_FORGE_PYTHON = "MAGICFUSION_FORGE_PYTHON"
+ENV_FORGE_CACHE = "MAGICFUSION_FORGE_CACHE"
+ENV_FORGE_SDXL = "MAGICFUSION_FORGE_SDXL"
 
 DEFAULT_STARTUP_TIMEOUT = 300.0  # a cold start on a 2-core machine takes ~10 s; be generous
 FIXTURE_TIMEOUT = 900.0
+FORGE_FIXTURE_TIMEOUT = 1800.0  # two full SD1.5 checkpoints: ~2 min on 2 idle cores
 CHECKPOINTS = ("tiny-eps-a", "tiny-eps-b", "tiny-eps-b-vae2", "tiny-sd2-v", "tiny-v", "tiny-xl-a", "tiny-xl-b",
                "tiny-zz-big")
 MAIN_CHECKPOINT = "tiny-eps-a"  # the one the WebUI starts with: the first by name
+FORGE_CHECKPOINTS = ("forge-sd15-a", "forge-sd15-b")  # (+ "forge-sdxl-a" with MAGICFUSION_FORGE_SDXL=1)
+FORGE_MAIN_CHECKPOINT = "forge-sd15-a"
 
 WEBUI_FLAGS = [
     "--skip-prepare-environment",  # no git clones / pip installs: required offline
@@ -91,6 +114,20 @@ WEBUI_FLAGS = [
 # and the test bed has no network.
 WEBUI_SETTINGS = {"show_progress_type": "Approx cheap"}
 
+FORGE_FLAGS = [
+    "--skip-prepare-environment",  # no git clones / pip installs: required offline
+    "--skip-python-version-check",  # Forge asks for 3.10; the pinned install is 3.11
+    "--skip-torch-cuda-test",
+    "--skip-version-check",
+    "--no-download-sd-model",
+    "--always-cpu",  # every device the CPU, fp32 (Forge has no --use-cpu/--no-half/--precision)
+    "--api", "--nowebui",
+    "--server-name", "127.0.0.1",
+]
+# Forge's live previews ("Approx NN" by default) download vaeapprox-sdxl.pt for an SDXL model, and
+# a preview is not needed: off, so nothing is ever downloaded.
+FORGE_SETTINGS = {"live_previews_enable": False}
+
 
 class WebUINotFound(RuntimeError):
     pass
@@ -102,8 +139,13 @@ class WebUIStartError(RuntimeError):
 
 # --------------------------------------------------------------------------- install
 
-def find_install() -> tuple[str, str]:
-    """Return (webui_dir, python) or raise WebUINotFound with the reason."""
+def find_install(host: str = "a1111") -> tuple[str, str]:
+    """Return (webui_dir, python) of ``host`` ("a1111" or "forge"), or raise WebUINotFound with
+    the reason and the setup command."""
+    if host == "forge":
+        return _find_forge()
+    if host != "a1111":
+        raise ValueError(f"unknown host {host!r} (known: {', '.join(HOSTS)})")
     root = os.path.abspath(os.path.expanduser(os.environ.get(ENV_DIR) or "~/stable-diffusion-webui"))
     src = f"${ENV_DIR}" if os.environ.get(ENV_DIR) else "the default"
     if not os.path.isfile(os.path.join(root, "launch.py")):
@@ -119,30 +161,88 @@ def find_install() -> tuple[str, str]:
     return root, py
 
 
+def _find_forge() -> tuple[str, str]:
+    root = os.path.abspath(os.path.expanduser(os.environ.get(ENV_FORGE_DIR) or "~/stable-diffusion-webui-forge"))
+    src = f"${ENV_FORGE_DIR}" if os.environ.get(ENV_FORGE_DIR) else "the default"
+    if not os.path.isfile(os.path.join(root, "modules_forge", "forge_version.py")):
+        raise WebUINotFound(f"no WebUI Forge at {root} ({src}): {root}/modules_forge/forge_version.py is missing. "
+                            f"Set {ENV_FORGE_DIR} to a Forge install.")
+    if not os.path.isdir(os.path.join(root, "repositories", "huggingface_guess", "huggingface_guess")):
+        raise WebUINotFound(f"{root}/repositories/huggingface_guess is missing (the install's repositories/ are "
+                            f"not set up)")
+    py = os.environ.get(ENV_FORGE_PYTHON) or os.path.join(root, "venv", "bin", "python")
+    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
+        raise WebUINotFound(f"Forge's Python {py} does not exist or is not executable (set {ENV_FORGE_PYTHON})")
+    return root, py
+
+
+def setup_command(host: str = "a1111") -> str:
+    """The command that builds ``host``'s test install where the tests look for it."""
+    if host == "forge":
+        env, default = ENV_FORGE_DIR, "~/stable-diffusion-webui-forge"
+        cmd = "python3 tests/webui/setup_webui.py --host forge"
+    else:
+        env, default = ENV_DIR, "~/stable-diffusion-webui"
+        cmd = "python3 tests/webui/setup_webui.py"
+    where = os.environ.get(env)
+    if where and os.path.abspath(os.path.expanduser(where)) != os.path.abspath(os.path.expanduser(default)):
+        cmd += f" --dir {where}"
+    return cmd
+
+
 # --------------------------------------------------------------------------- fixtures
 
-def _cache_root() -> str:
-    if os.environ.get(ENV_CACHE):
-        return os.path.abspath(os.path.expanduser(os.environ[ENV_CACHE]))
+def _cache_root(host: str = "a1111") -> str:
+    env, sub = (ENV_FORGE_CACHE, "forge-fixtures") if host == "forge" else (ENV_CACHE, "webui-fixtures")
+    if os.environ.get(env):
+        return os.path.abspath(os.path.expanduser(os.environ[env]))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, EXTENSION_NAME, "webui-fixtures")
+    return os.path.join(base, EXTENSION_NAME, sub)
 
 
-def fixture_key(python: str, webui_dir: str) -> str:
+def fixture_key(python: str, webui_dir: str, host: str = "a1111") -> str:
+    """A hash of the host's generator, its Python and the install: a new generator (or another
+    install) gets a new fixture directory."""
     h = hashlib.sha256()
-    with open(GENERATOR, "rb") as f:
+    with open(FORGE_GENERATOR if host == "forge" else GENERATOR, "rb") as f:
         h.update(f.read())
     h.update(b"\0" + os.path.abspath(python).encode() + b"\0" + os.path.realpath(webui_dir).encode())
     return h.hexdigest()[:16]
 
 
-def ensure_fixtures(webui_dir: str, python: str, log=print) -> str:
-    """Generate the tiny checkpoints once per generator version; return their directory."""
-    out = os.path.join(_cache_root(), fixture_key(python, webui_dir))
+def forge_models(sdxl: bool | None = None) -> list[str]:
+    """The Forge fixtures the test bed needs: the SD1.5 pair, and SDXL with sdxl=True (default:
+    ``$MAGICFUSION_FORGE_SDXL``)."""
+    if sdxl is None:
+        sdxl = os.environ.get(ENV_FORGE_SDXL) == "1"
+    return [*FORGE_CHECKPOINTS, *(["forge-sdxl-a"] if sdxl else [])]
+
+
+def _manifest_models(manifest: str) -> set:
+    try:
+        with open(manifest) as f:
+            return {e["name"] for e in json.load(f).get("models", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def ensure_fixtures(webui_dir: str, python: str, log=print, *, host: str = "a1111", sdxl: bool | None = None) -> str:
+    """Generate the host's checkpoints once per generator version; return their directory.
+
+    A1111: the tiny checkpoints of make_fixtures.py (about 6 s). Forge: the full-size SD1.5 pair
+    of make_forge_fixtures.py (about 2 minutes, 4.3 GB), plus SDXL when asked for; a set that
+    lacks a model asked for gets it added. A file lock serialises concurrent builds."""
+    root = _cache_root(host)
+    out = os.path.join(root, fixture_key(python, webui_dir, host))
     manifest = os.path.join(out, "manifest.json")
-    if os.path.isfile(manifest):
+    wanted = set(forge_models(sdxl)) if host == "forge" else set()
+
+    def ready() -> bool:
+        return os.path.isfile(manifest) and wanted <= _manifest_models(manifest)
+
+    if ready():
         return out
-    os.makedirs(_cache_root(), exist_ok=True)
+    os.makedirs(root, exist_ok=True)
     lock_path = out + ".lock"
     with open(lock_path, "w") as lock:
         try:
@@ -150,17 +250,29 @@ def ensure_fixtures(webui_dir: str, python: str, log=print) -> str:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest process may be generating
         except ImportError:  # pragma: no cover - non-POSIX
             pass
-        if os.path.isfile(manifest):
+        if ready():
             return out
-        log(f"[webui] generating tiny checkpoints in {out} ...")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore",
+                   OMP_WAIT_POLICY="PASSIVE")
+        for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+            env.pop(k, None)
+        if host == "forge":
+            missing = sorted(wanted - _manifest_models(manifest))
+            what = f"the Forge checkpoints {', '.join(missing)} (full-size SD1.5 with random weights; ~1 min each)"
+            cmd = [python, FORGE_GENERATOR, "--out", out, "--forge-dir", webui_dir, "--models", ",".join(missing)]
+            env[ENV_FORGE_DIR] = webui_dir
+            timeout = FORGE_FIXTURE_TIMEOUT
+        else:
+            what = "tiny checkpoints"
+            cmd = [python, GENERATOR, "--out", out, "--webui-dir", webui_dir]
+            env[ENV_DIR] = webui_dir
+            timeout = FIXTURE_TIMEOUT
+        log(f"[webui] generating {what} in {out} ...")
         t0 = time.monotonic()
-        env = dict(os.environ, **{ENV_DIR: webui_dir}, HF_HUB_OFFLINE="1",
-                   TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-        r = subprocess.run([python, GENERATOR, "--out", out, "--webui-dir", webui_dir], check=False,
-                           cwd=webui_dir, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, timeout=FIXTURE_TIMEOUT)
-        if r.returncode != 0 or not os.path.isfile(manifest):
-            raise WebUIStartError(f"make_fixtures.py failed (rc={r.returncode}):\n{r.stdout[-4000:]}")
+        r = subprocess.run(cmd, check=False, cwd=webui_dir, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        if r.returncode != 0 or not ready():
+            raise WebUIStartError(f"{os.path.basename(cmd[1])} failed (rc={r.returncode}):\n{r.stdout[-4000:]}")
         log(f"[webui] fixtures ready in {time.monotonic() - t0:.1f} s")
     return out
 
@@ -253,13 +365,14 @@ def _remove_stale_data_dirs() -> None:
 
 class WebUIServer:
     """One WebUI process on 127.0.0.1 with a private data dir. Use as a context manager
-    or call start()/stop(); stop() is also registered with atexit."""
+    or call start()/stop(); stop() is also registered with atexit. ``host`` is "a1111" (the
+    default) or "forge"."""
 
     def __init__(self, webui_dir: str | None = None, python: str | None = None,
                  extension: bool | str = True, port: int | None = None,
                  startup_timeout: float | None = None, log=print, *,
                  ui: bool = False, ckpt_dir: str | None = None, extra_args: tuple[str, ...] = (),
-                 api_auth: str | None = None, testbed: bool = True):
+                 api_auth: str | None = None, testbed: bool = True, host: str = "a1111"):
         """``ui=True`` serves the Gradio page too (no ``--nowebui``; still 127.0.0.1 only).
         ``ckpt_dir`` replaces the shared fixture checkpoint dir (e.g. a private dir of links, so
         a test may add checkpoints without touching the cache). ``extra_args`` are appended
@@ -268,8 +381,11 @@ class WebUIServer:
         ``extension`` may name another extension tree to link instead of this repo (e.g. an
         earlier release, for parity tests). ``testbed=False`` leaves out the test bed's helper extension; the SD2 and SDXL fixtures
         then cannot load (nothing registers their open_clip config)."""
+        if host not in HOSTS:
+            raise ValueError(f"unknown host {host!r} (known: {', '.join(HOSTS)})")
+        self.host = host
         if webui_dir is None or python is None:
-            d, p = find_install()
+            d, p = find_install(host)
             webui_dir, python = webui_dir or d, python or p
         self.webui_dir = webui_dir
         self.python = python
@@ -294,13 +410,13 @@ class WebUIServer:
 
     # -- lifecycle
     def start(self) -> WebUIServer:
-        self.fixtures_dir = ensure_fixtures(self.webui_dir, self.python, self.log)
+        self.fixtures_dir = ensure_fixtures(self.webui_dir, self.python, self.log, host=self.host)
         _remove_stale_data_dirs()
         self.data_dir = tempfile.mkdtemp(prefix=DATA_DIR_PREFIX)
         with open(os.path.join(self.data_dir, "owner.pid"), "w") as f:
             f.write(str(os.getpid()))
         with open(os.path.join(self.data_dir, "config.json"), "w") as f:
-            json.dump(WEBUI_SETTINGS, f)
+            json.dump(FORGE_SETTINGS if self.host == "forge" else WEBUI_SETTINGS, f)
         hf_home = os.path.join(self.data_dir, "hf-home")
         os.makedirs(hf_home)
         if self.extension:
@@ -326,7 +442,8 @@ class WebUIServer:
         raise last_err  # type: ignore[misc]
 
     def _launch(self, port: int, hf_home: str) -> None:
-        flags = [f for f in WEBUI_FLAGS if not (self.ui and f == "--nowebui")]
+        flags = [f for f in (FORGE_FLAGS if self.host == "forge" else WEBUI_FLAGS)
+                 if not (self.ui and f == "--nowebui")]
         cmd = [self.python, "launch.py", *flags,
                "--ckpt-dir", self.ckpt_dir or os.path.join(self.fixtures_dir, "checkpoints"),
                "--data-dir", self.data_dir, "--port", str(port), *self.extra_args]
@@ -336,7 +453,7 @@ class WebUIServer:
         for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "COMMANDLINE_ARGS"):
             env.pop(k, None)  # the test runner's environment must not leak into the WebUI's
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                   HF_HOME=hf_home, DO_NOT_TRACK="1", GRADIO_ANALYTICS_ENABLED="False",
+                   HF_HOME=hf_home, HF_HUB_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1", GRADIO_ANALYTICS_ENABLED="False",
                    PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
                    # libgomp's threads spin-wait for work by default: on a busy 2-core machine
                    # that makes a tiny image about 100x slower
@@ -345,7 +462,7 @@ class WebUIServer:
         if os.path.isdir(openclip):  # the testbed extension registers it with open_clip
             env["MAGICFUSION_TESTBED_OPENCLIP"] = openclip
         self.url = f"http://127.0.0.1:{port}"
-        self.log(f"[webui] starting {self.webui_dir} on {self.url} (log: {self.log_path})")
+        self.log(f"[webui] starting {self.host} {self.webui_dir} on {self.url} (log: {self.log_path})")
         logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
         self.t_launch = time.monotonic()
         with self._lock:
@@ -363,11 +480,14 @@ class WebUIServer:
             if self.proc.poll() is not None:
                 raise WebUIStartError(f"the WebUI exited with code {self.proc.returncode} during "
                                       f"start-up; log tail:\n{self.log_tail()}")
-            if self.ui and not self._log_contains("Startup time:"):
+            if (self.ui or self.host == "forge") and not self._log_contains("Startup time:"):
                 # With the UI, gradio serves before the API is added. A request that lands between
                 # A1111's setup_middleware() and create_api() builds starlette's middleware stack,
                 # and create_api() then dies with "Cannot add middleware after an application has
                 # started". So send nothing until A1111 prints its start-up summary.
+                # Forge answers /sdapi/v1/* before its start-up has finished too, and a generation
+                # sent then can make api.init_script_args raise IndexError for every later request
+                # (the wrong default script args stay cached): always wait for the summary there.
                 if time.monotonic() > deadline:
                     raise WebUIStartError(f"the WebUI did not finish starting within {self.startup_timeout:.0f} s "
                                           f"(set {ENV_TIMEOUT}); log tail:\n{self.log_tail()}")
@@ -456,7 +576,8 @@ class WebUIServer:
 # --------------------------------------------------------------------------- client
 
 class WebUIClient:
-    """HTTP helpers the tests use. Needs requests, numpy and Pillow."""
+    """HTTP helpers the tests use. Needs requests, numpy and Pillow. ``host`` is the server's
+    ("a1111" or "forge")."""
 
     TXT2IMG_DEFAULTS: ClassVar[dict[str, Any]] = {
         "prompt": "a photo of a cat", "negative_prompt": "", "width": 64, "height": 64, "steps": 4,
@@ -467,6 +588,7 @@ class WebUIClient:
     def __init__(self, server: WebUIServer, timeout: float = 300.0):
         import requests
         self.server = server
+        self.host = getattr(server, "host", "a1111")
         self.url = server.url
         self.timeout = timeout
         self.session = requests.Session()
@@ -474,6 +596,8 @@ class WebUIClient:
         if getattr(server, "api_auth", None):
             self.session.auth = tuple(server.api_auth.split(",")[0].split(":", 1))
         self.first_image_s: float | None = None  # launch -> first image returned
+        self.generations = 0  # txt2img/img2img requests that returned 200, and their total time
+        self.generation_s = 0.0
 
     @property
     def fixtures_dir(self) -> str:
@@ -492,7 +616,11 @@ class WebUIClient:
         return self.session.post(self.url + path, json=payload, timeout=kw.pop("timeout", self.timeout), **kw)
 
     def _gen(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.monotonic()
         r = self.post(path, payload)
+        if r.status_code == 200:
+            self.generations += 1
+            self.generation_s += time.monotonic() - t0
         if r.status_code != 200:
             raise AssertionError(f"POST {path} -> {r.status_code}: {r.text[:2000]}\n"
                                  f"--- webui log tail ---\n{self.server.log_tail(40)}")
@@ -511,6 +639,21 @@ class WebUIClient:
             init_image = self.encode_png(init_image)
         body = {**self.TXT2IMG_DEFAULTS, "denoising_strength": 0.6, "init_images": [init_image]}
         return self._gen("/sdapi/v1/img2img", {**body, **payload})
+
+    def hires_payload(self, *, hr_scale: float = 2.0, hr_second_pass_steps: int = 0, denoising_strength: float = 0.5,
+                      hr_upscaler: str = "Latent", **payload) -> dict[str, Any]:
+        """A txt2img payload (the defaults, then ``payload``) with the hires fix on, in a form that
+        works on both hosts. Forge's API needs two more fields: ``hr_additional_modules`` (without
+        it Forge raises ``TypeError: argument of type 'NoneType' is not iterable``) and ``hr_cfg``
+        (it defaults to 1.0 there, so the second pass would run at CFG 1 with no negative
+        prompt): it gets the request's ``cfg_scale``."""
+        body = {**self.TXT2IMG_DEFAULTS, **payload, "enable_hr": True, "hr_scale": hr_scale,
+                "hr_second_pass_steps": hr_second_pass_steps, "denoising_strength": denoising_strength,
+                "hr_upscaler": hr_upscaler}
+        if self.host == "forge":
+            body.setdefault("hr_additional_modules", ["Use same choices"])
+            body.setdefault("hr_cfg", body["cfg_scale"])
+        return body
 
     def txt2img_array(self, **payload):
         """txt2img and decode the first image to a uint8 HxWx3 array."""
@@ -595,7 +738,8 @@ def running(webui_dir: str, python: str, **kwargs):
 # --------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run the A1111 WebUI test bed for sd-webui-magicfusion.")
+    ap = argparse.ArgumentParser(description="Run the WebUI test bed (A1111 or Forge) for sd-webui-magicfusion.")
+    ap.add_argument("--host", default="a1111", choices=HOSTS, help="the WebUI host (default: a1111)")
     ap.add_argument("--fixtures", action="store_true", help="only build (or find) the fixtures and print their dir")
     ap.add_argument("--smoke", action="store_true", help="start, generate one image, stop")
     ap.add_argument("--no-extension", action="store_true", help="do not link this repo as an extension")
@@ -605,15 +749,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ui", action="store_true", help="serve the Gradio page too (still only on 127.0.0.1)")
     args = ap.parse_args(argv)
     try:
-        webui_dir, python = find_install()
+        webui_dir, python = find_install(args.host)
     except WebUINotFound as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}\nBuild it with: {setup_command(args.host)}", file=sys.stderr)
         return 2
     if args.fixtures:
-        print(ensure_fixtures(webui_dir, python))
+        print(ensure_fixtures(webui_dir, python, host=args.host))
         return 0
     srv = WebUIServer(webui_dir, python, extension=not args.no_extension, port=args.port, ui=args.ui,
-                      testbed=not args.no_testbed)
+                      testbed=not args.no_testbed, host=args.host)
     try:
         srv.start()
         if args.smoke:

@@ -1,33 +1,37 @@
 #!/usr/bin/env python3
-"""Build the pinned AUTOMATIC1111 WebUI install that the WebUI test suite (tests/webui) runs on.
+"""Build the pinned WebUI installs that the WebUI test suite (tests/webui) runs on: AUTOMATIC1111
+v1.10.1 (``--host a1111``, the default) and WebUI Forge (``--host forge``).
 
-    python tests/webui/setup_webui.py             # build, or check and reuse, ~/stable-diffusion-webui
-    python tests/webui/setup_webui.py --check     # report what is missing or wrong; change nothing
-    python tests/webui/setup_webui.py --list-sources
+    python tests/webui/setup_webui.py               # build, or check and reuse, ~/stable-diffusion-webui
+    python tests/webui/setup_webui.py --host forge  # the same for Forge at ~/stable-diffusion-webui-forge
+    python tests/webui/setup_webui.py --check [--host forge]   # report what is missing or wrong; change nothing
+    python tests/webui/setup_webui.py --list-sources [--host forge]
     python tests/webui/setup_webui.py --source webui=/path/to/stable-diffusion-webui.git --source clip=/path/to/CLIP
 
 It does what the WebUI's own launcher does on a first start (``modules/launch_utils.py``:
 ``prepare_environment``), but pinned and able to run offline:
 
-1. **Sources.** The WebUI at v1.10.1 (82a973c04367123ae98bd9abdf80d9eda9b910e2) at ``--dir``,
-   the five ``repositories/`` its launcher pins, and openai/CLIP (installed into the venv as
-   the package ``clip``). Each comes from its public git URL at the pinned commit, or from a
-   local copy: ``--source NAME=PATH`` (repeatable) or ``$MAGICFUSION_SRC_<NAME>``. A local
-   copy is a git repository (normal or bare; it may lack some large blobs, which are skipped
-   with a note) or a plain directory holding the source tree (verified by content, see
-   ``Source.fingerprints``). A source at another commit is refused.
+1. **Sources.** A1111: the WebUI at v1.10.1 (82a973c04367123ae98bd9abdf80d9eda9b910e2) at ``--dir``
+   and the five ``repositories/`` its launcher pins. Forge: Forge at dfdcbab685e57677014f05a3309b48cc87383167
+   and its three ``repositories/`` (the assets, huggingface_guess, BLIP). Both: openai/CLIP
+   (installed into the venv as the package ``clip``). Each comes from its public git URL at the
+   pinned commit, or from a local copy: ``--source NAME=PATH`` (repeatable) or
+   ``$MAGICFUSION_SRC_<NAME>``. A local copy is a git repository (normal or bare; it may lack some
+   large blobs, which are skipped with a note) or a plain directory holding the source tree
+   (verified by content, see ``Source.fingerprints``). A source at another commit is refused.
 2. **The venv** ``<dir>/venv`` (Python 3.11): pip, then torch and torchvision FIRST as a
    matching pair, then the WebUI's ``requirements_versions.txt`` without its ``torch`` and
-   ``setuptools==`` lines plus ``setuptools>=77.0.3,<81``, pytest and requests, all under
-   constraints that pin torch/torchvision and every transitive dependency
-   (``tests/webui/constraints-a1111.txt``), then CLIP with ``--no-deps --no-build-isolation``.
-3. **Chromium** for the browser tests (Debian's ``chromium`` package, through apt-get when
-   root or with password-less sudo). ``--no-browser`` skips it.
+   ``setuptools==`` lines plus ``setuptools>=77.0.3,<81`` (A1111: and pytest, requests; Forge:
+   and joblib), all under constraints that pin torch/torchvision and every transitive dependency
+   (``tests/webui/constraints-<host>.txt``), then CLIP with ``--no-deps --no-build-isolation``.
+3. **Chromium** for the browser tests (A1111 only; Debian's ``chromium`` package, through apt-get
+   when root or with password-less sudo). ``--no-browser`` skips it.
 
 A second run checks what is there and reuses it (a few seconds): the install records what was
-done in ``<dir>/magicfusion-setup.json`` (the source commits and a hash of the requirement
-inputs). Nothing of the host's code is ever committed to this repository: the script fetches
-or copies it.
+done in ``<dir>/magicfusion-setup.json`` (the host, the source commits and a hash of the
+requirement inputs). An install made by hand (or by an earlier tool) that matches every pin is
+adopted as it is. Nothing of the hosts' code is ever committed to this repository: the script
+fetches or copies it.
 
 Only the Python standard library is used; any Python >= 3.9 runs this file. The venv itself is
 built with the Python 3.11 given by ``--python`` (default: ``python3.11`` on PATH).
@@ -107,6 +111,9 @@ class Host:
     constraints_file: str            # the shipped freeze of a working venv, relative to this dir
     import_check: str                # run in the venv after an install
     torch_note: str = ""
+    default_dir: str = "~/stable-diffusion-webui"  # the install when neither --dir nor env_dir is given
+    env_dir: str = "MAGICFUSION_WEBUI_DIR"        # the variable that names the install
+    browser: bool = True             # whether the host's tests need Chromium (the browser tests: A1111 only)
 
     def source(self, name: str) -> Source:
         for s in self.sources:
@@ -182,13 +189,53 @@ A1111 = Host(
                   "print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'gradio', gradio.__version__)"),
 )
 
-# A second host is one more entry here and a constraints file next to this script. WebUI Forge
-# would be Host(name="forge", sources=(Source("webui", <lllyasviel/stable-diffusion-webui-forge>,
-# "dfdcbab685e57677014f05a3309b48cc87383167", ".", {...}), A1111.source("assets"),
-# Source("huggingface-guess", <lllyasviel/huggingface_guess>, "84826248b49bb7ca754c73293299c4d4e23a548d",
-# "repositories/huggingface_guess", {...}), A1111.source("blip")), ...) with the requirement
-# fixes its launcher and Python need, and constraints-forge.txt from --write-constraints.
-HOSTS = {"a1111": A1111}
+# WebUI Forge (lllyasviel/stable-diffusion-webui-forge, "2.0.1v1.10.1", gradio 4). Its launcher
+# (modules/launch_utils.py, prepare_environment) clones three repositories/ (the A1111 assets,
+# huggingface_guess and BLIP, at the commits below; k-diffusion is vendored and the Stability
+# repositories are gone), pip-installs openai/CLIP at the same commit as A1111's and its
+# requirements_versions.txt. huggingface_guess is not pip-installed: modules/paths.py puts
+# repositories/huggingface_guess on sys.path.
+FORGE = Host(
+    name="forge",
+    title="WebUI Forge (lllyasviel/stable-diffusion-webui-forge 2.0.1v1.10.1)",
+    python="3.11",
+    sources=(
+        Source("forge", "https://github.com/lllyasviel/stable-diffusion-webui-forge.git",
+               "dfdcbab685e57677014f05a3309b48cc87383167", ".", {
+                   "modules_forge/forge_version.py": "17c8a29f5c147f6a1617c14d8213cf0b74993fe3",
+                   "modules/launch_utils.py": "420d9b19eeb3046d540e58e2008fb733a233db17",
+                   "requirements_versions.txt": "3e5f3962feed24d487e8db403f625b2fe7e546bb",
+                   "scripts/sd_upscale.py": "64e34cd96b65b752003e000b2d38700e0de79285",
+                   "backend/operations.py": "7760756ad11e2f9db0b10e93de256b0032332d5c",
+               }, title="lllyasviel/stable-diffusion-webui-forge"),
+        A1111.source("assets"),
+        Source("huggingface-guess", "https://github.com/lllyasviel/huggingface_guess.git",
+               "84826248b49bb7ca754c73293299c4d4e23a548d", "repositories/huggingface_guess", {
+                   "huggingface_guess/model_list.py": "cca4b1ca911db7fce63bae466050991429837e42",
+                   "huggingface_guess/__init__.py": "492841f2e33c89cc233bc2697c23dcb26cd99701",
+                   "huggingface_guess/detection.py": "d62f3dcf5ca48d3039cfc43909e8ac315ef48848",
+               }, title="lllyasviel/huggingface_guess"),
+        A1111.source("blip"),
+        A1111.source("clip"),
+    ),
+    # The same pair as A1111's (Forge's launcher would install torch 2.3.1 from the cu121 index,
+    # which has no wheel for this Python on PyPI); Forge runs on it with --always-cpu.
+    torch=A1111.torch,
+    torch_note=A1111.torch_note,
+    requirements_file="requirements_versions.txt",
+    drop_requirements=("torch", "setuptools"),
+    # setuptools: as for A1111. joblib: the built-in soft-inpainting extension imports it and the
+    # requirements do not list it (without it that extension fails to load at every start).
+    extra_requirements=("setuptools>=77.0.3,<81", "joblib"),
+    constraints_file="constraints-forge.txt",
+    import_check=("import torch, torchvision, clip, open_clip, gradio, pkg_resources, transformers, diffusers, joblib; "
+                  "print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'gradio', gradio.__version__)"),
+    default_dir="~/stable-diffusion-webui-forge",
+    env_dir="MAGICFUSION_FORGE_DIR",
+    browser=False,
+)
+
+HOSTS = {"a1111": A1111, "forge": FORGE}
 
 
 # --------------------------------------------------------------------------- errors and output
@@ -792,7 +839,8 @@ def write_constraints(install: str, path: str, host: Host, log: Log) -> None:
     header = [
         f"# Constraints for the {host.title} test install (tests/webui/setup_webui.py --host {host.name}).",
         f"# `pip freeze --all` of a working venv: Python {contents.get('python')}, {platform.system()} {platform.machine()}.",
-        "# Regenerate: python tests/webui/setup_webui.py --write-constraints (after changing the host spec).",
+        f"# Regenerate: python tests/webui/setup_webui.py{'' if host is A1111 else ' --host ' + host.name} "
+        "--write-constraints (after changing the host spec).",
         f"# {', '.join(s.pip_package for s in host.sources if s.pip_package)} comes from its pinned source tree, not from here.",
     ]
     with open(path, "w", encoding="utf-8") as f:
@@ -849,25 +897,29 @@ def install_chromium(log: Log) -> None:
 
 # --------------------------------------------------------------------------- the whole setup
 
-def default_dir() -> str:
-    return os.path.abspath(os.path.expanduser(os.environ.get(ENV_DIR) or DEFAULT_DIR))
+def default_dir(host: Host | None = None) -> str:
+    """The install: ``$<host.env_dir>`` (``MAGICFUSION_WEBUI_DIR``, ``MAGICFUSION_FORGE_DIR``), else the
+    host's default (``~/stable-diffusion-webui``, ``~/stable-diffusion-webui-forge``)."""
+    host = host or A1111
+    return os.path.abspath(os.path.expanduser(os.environ.get(host.env_dir) or host.default_dir))
 
 
-def check_install_path(install: str, allow_dot: bool, log: Log) -> None:
+def check_install_path(install: str, allow_dot: bool, log: Log, host: Host | None = None) -> None:
     """Refuse paths the WebUI cannot serve from, or that sit inside this repository."""
+    host = host or A1111
     real = os.path.realpath(install)
     for p in {install, real}:
         dots = [part for part in p.split(os.sep) if part.startswith(".")]
         if dots:
             msg = (f"the install path {p} has a folder whose name starts with a dot ({dots[0]}): Gradio 3.41 "
-                   f"answers 403 for every file under such a folder, so the WebUI page cannot load its "
-                   f"files. Use another --dir")
+                   f"(A1111) answers 403 for every file under such a folder, so the WebUI page cannot load its "
+                   f"files (Forge's Gradio 4 is refused the same way, to be safe). Use another --dir")
             if not allow_dot:
                 raise SetupError(msg + " (or --allow-dot-path if only the API is needed).")
             log.note(msg + "; continuing (--allow-dot-path).")
     repo = os.path.realpath(REPO_ROOT)
     if real == repo or real.startswith(repo + os.sep):
-        raise SetupError(f"the install {real} is inside this repository; put it elsewhere (the default is {DEFAULT_DIR})")
+        raise SetupError(f"the install {real} is inside this repository; put it elsewhere (the default is {host.default_dir})")
 
 
 def setup(host: Host, install: str, *, flags: dict | None = None, environ=None, cache_dir: str | None = None,
@@ -1005,17 +1057,24 @@ def check(host: Host, install: str, *, skip_venv: bool = False, browser: bool = 
     return problems
 
 
-def setup_command(install: str) -> str:
-    default = os.path.abspath(os.path.expanduser(DEFAULT_DIR))
-    return f"python3 {SCRIPT}" + ("" if os.path.abspath(install) == default else f" --dir {install}")
+def setup_command(install: str | None = None, host: Host | None = None) -> str:
+    """The command that builds ``install`` for ``host`` (``--host`` and ``--dir`` only when needed)."""
+    host = host or A1111
+    cmd = f"python3 {SCRIPT}" + ("" if host is A1111 else f" --host {host.name}")
+    default = os.path.abspath(os.path.expanduser(host.default_dir))
+    if install and os.path.abspath(install) != default:
+        cmd += f" --dir {install}"
+    return cmd
 
 
 def main(argv: list | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog=SCRIPT, description="Build (or check and reuse) the pinned WebUI test install for tests/webui.",
         epilog=f"Sources: --list-sources. Each can come from NAME=PATH|URL or ${ENV_SRC_PREFIX}<NAME>.")
-    ap.add_argument("--dir", default=None, help=f"the install (default: ${ENV_DIR} or {DEFAULT_DIR})")
-    ap.add_argument("--host", default="a1111", choices=sorted(HOSTS), help="the WebUI host (default: a1111)")
+    ap.add_argument("--dir", default=None, help="the install (default: a1111: $MAGICFUSION_WEBUI_DIR or "
+                    "~/stable-diffusion-webui; forge: $MAGICFUSION_FORGE_DIR or ~/stable-diffusion-webui-forge)")
+    ap.add_argument("--host", default="a1111", choices=sorted(HOSTS),
+                    help="the WebUI host: a1111 (AUTOMATIC1111 v1.10.1) or forge (WebUI Forge); default a1111")
     ap.add_argument("--source", action="append", default=[], metavar="NAME=PATH|URL",
                     help="where a source comes from: a git repository (normal or bare), a plain directory "
                          "holding its tree, or a git URL; repeatable")
@@ -1035,7 +1094,8 @@ def main(argv: list | None = None) -> int:
     args = ap.parse_args(argv)
     host = HOSTS[args.host]
     log = Log(quiet=args.quiet)
-    install = os.path.abspath(os.path.expanduser(args.dir)) if args.dir else default_dir()
+    install = os.path.abspath(os.path.expanduser(args.dir)) if args.dir else default_dir(host)
+    browser = host.browser and not args.no_browser
     constraints = os.path.abspath(args.constraints) if args.constraints else os.path.join(HERE, host.constraints_file)
 
     if args.list_sources:
@@ -1045,23 +1105,23 @@ def main(argv: list | None = None) -> int:
         return 0
     t0 = time.monotonic()
     try:
-        check_install_path(install, args.allow_dot_path, log)
+        check_install_path(install, args.allow_dot_path, log, host)
         if args.check:
-            problems = check(host, install, skip_venv=args.skip_venv, browser=not args.no_browser,
+            problems = check(host, install, skip_venv=args.skip_venv, browser=browser,
                              constraints_path=constraints, log=log)
             if problems:
                 if log.quiet:
                     for p in problems:
                         print(f"[setup] missing or wrong: {p}")
                 print(f"[setup] {install} is not a complete test install of {host.title} "
-                      f"({len(problems)} problem{'s' if len(problems) != 1 else ''}). Run: {setup_command(install)}")
+                      f"({len(problems)} problem{'s' if len(problems) != 1 else ''}). Run: {setup_command(install, host)}")
                 return 1
             log.info(f"{install}: complete ({time.monotonic() - t0:.1f} s)")
             return 0
         flags = parse_source_flags(args.source, host)
         log.info(f"{host.title} test install at {install}")
         done = setup(host, install, flags=flags, cache_dir=args.cache_dir, python=args.python,
-                     skip_venv=args.skip_venv, browser=not args.no_browser, force=args.force,
+                     skip_venv=args.skip_venv, browser=browser, force=args.force,
                      constraints_path=constraints, log=log)
         if args.write_constraints and not args.skip_venv:
             write_constraints(install, constraints, host, log)
@@ -1076,7 +1136,7 @@ def main(argv: list | None = None) -> int:
         log.info(f"done in {took:.1f} s: {', '.join(done)}")
     else:
         log.info(f"everything was in place; nothing to do ({took:.1f} s)")
-    log.info(f"run the tests: bash tests/run.sh   (the install: {install})")
+    log.info(f"run the tests: bash tests/run.sh   (the {host.name} install: {install})")
     return 0
 
 

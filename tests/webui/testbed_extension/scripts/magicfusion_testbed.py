@@ -15,6 +15,10 @@ in every test WebUI. It does nothing unless a request asks for it:
   MagicFusion's replaced. See ``NESTED_FIELDS`` for the fields.
 * GET routes under ``/magicfusion-testbed/v1/`` (they honour ``--api-auth``): ``main-weights``,
   ``loaded-networks``, ``rss``, ``model``, ``conditioning`` and ``nested``.
+
+It runs in AUTOMATIC1111 and in WebUI Forge. On Forge (``IS_FORGE``) the routes that look at the
+main model read Forge's ``forge_objects`` (its engines have no ``model``/``first_stage_model``),
+and ``checkpoint=`` switches through Forge's own ``checkpoint_change`` + ``forge_model_reload``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import base64
 import ctypes
 import gc
 import hashlib
+import importlib.util
 import io
 import os
 import secrets
@@ -40,6 +45,10 @@ OPENCLIP_ENV = "MAGICFUSION_TESTBED_OPENCLIP"
 INNER_FLAG = "magicfusion_testbed_inner"  # set on a nested p: it never nests again
 PENDING = "magicfusion_testbed_pending"  # on the outer p: nested results for postprocess
 INFOTEXT_KEY = "Testbed nested"  # written into the nested image's infotext (its mode)
+IS_FORGE = importlib.util.find_spec("modules_forge") is not None
+# Tensors Forge's CLIP wrapper (backend/nn/clip.py) adds that no checkpoint holds: a logit scale,
+# and for CLIP-L a text projection left uninitialised. Left out of the text-encoder digest.
+FORGE_EXTRA_TENSORS = ("logit_scale", "clip_l.transformer.text_projection.weight")
 
 # The fields of "nested" and their defaults (None: the outer generation's value for that image).
 NESTED_FIELDS = {
@@ -251,48 +260,94 @@ def _credentials() -> dict[str, str]:
     return dict(item.split(":", 1) for item in text.strip('"').replace("\n", "").split(",") if ":" in item)
 
 
-def _tensor_digest(module) -> dict:
+def _tensor_digest(module, skip: tuple = ()) -> dict:
     """A digest of a module's weights that ignores key names (so the WebUI's hijack wrappers do
     not change it): sha256 over the sorted sha256s of its state_dict tensors, each taken over
     ``"<dtype>|<shape>|"`` and the tensor's bytes (dtype as in "float32", shape as in "4,3,3").
     make_fixtures.py writes the same digest of each fixture (its fp16 weights upcast to
-    fp32, as the WebUI runs them with --no-half) into the manifest."""
+    fp32, as the WebUI runs them with --no-half) into the manifest.
+
+    On Forge (make_forge_fixtures.py writes the manifest's digests) three things differ: keys
+    ending in ``skip`` are left out; a tensor listed twice (Forge's prompt engine keeps the
+    token embedding under a second name) counts once; and float tensors are taken in fp32,
+    because Forge stores the text encoder in fp16 on the CPU and the UNet in fp32 (the fixtures'
+    weights are fp16 values, so the upcast is exact): the digest tells the values, not the
+    storage dtype. ``bytes`` is the memory as stored."""
     import torch
-    digests, n, nbytes = [], 0, 0
-    for t in module.state_dict().values():
-        t = t.detach().to("cpu").contiguous()
+    digests, n, nbytes, seen = [], 0, 0, set()
+    for key, t in module.state_dict().items():
+        if skip and key.endswith(skip):
+            continue
+        if IS_FORGE:
+            ident = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+            if t.numel() and ident in seen:
+                continue
+            seen.add(ident)
+        nbytes += t.numel() * t.element_size()
+        t = t.detach().to("cpu")
+        if IS_FORGE and t.is_floating_point():
+            t = t.float()
+        t = t.contiguous()
         h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}|{','.join(map(str, t.shape))}|".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())
         digests.append(h.hexdigest())
         n += t.numel()
-        nbytes += t.numel() * t.element_size()
     return {"sha256": hashlib.sha256("".join(sorted(digests)).encode()).hexdigest(), "tensors": len(digests),
             "elements": n, "bytes": nbytes}
 
 
 def _text_encoder(m):
+    if IS_FORGE:
+        return m.forge_objects.clip.cond_stage_model
     return m.conditioner if getattr(m, "is_sdxl", False) else m.cond_stage_model
+
+
+def _unet(m):
+    return m.forge_objects.unet.model.diffusion_model if IS_FORGE else m.model.diffusion_model
+
+
+def _vae(m):
+    return m.forge_objects.vae.first_stage_model if IS_FORGE else m.first_stage_model
 
 
 def _use_checkpoint(name: str | None) -> None:
     """Make `name` the loaded main model for a route (not written to the settings: the next
-    generation loads the settings' checkpoint again, as after an override)."""
+    generation loads the settings' checkpoint again, as after an override). On Forge, without a
+    name, load the settings' checkpoint if nothing is loaded yet (Forge loads lazily, at the
+    first generation)."""
+    info = sd_models.get_closet_checkpoint_match(name) if name else None
+    if name and info is None:
+        raise HTTPException(status_code=404, detail=f"no checkpoint {name!r}")
+    if IS_FORGE:
+        from modules_forge import main_entry
+        old = shared.opts.data.get("sd_model_checkpoint")
+        changed = bool(name) and main_entry.checkpoint_change(info.title, save=False)
+        try:
+            sd_models.forge_model_reload()
+        finally:
+            if changed and old:
+                main_entry.checkpoint_change(old, save=False)  # the settings as they were
+        return
     if not name:
         return
-    info = sd_models.get_closet_checkpoint_match(name)
-    if info is None:
-        raise HTTPException(status_code=404, detail=f"no checkpoint {name!r}")
     with sd_models.SkipWritingToConfig():
         sd_models.reload_model_weights(info=info)
+
+
+def _parameterization(m):
+    if IS_FORGE:
+        return getattr(m.forge_objects.unet.model.predictor, "prediction_type", None)
+    return getattr(m, "parameterization", None)
 
 
 def main_weights(checkpoint: str | None = None) -> dict:
     with call_queue.queue_lock:  # never in the middle of a generation
         _use_checkpoint(checkpoint)
         m = shared.sd_model
-        return {"checkpoint": m.sd_checkpoint_info.title, "unet": _tensor_digest(m.model.diffusion_model),
-                "text_encoder": _tensor_digest(_text_encoder(m)), "vae": _tensor_digest(m.first_stage_model)}
+        te_skip = FORGE_EXTRA_TENSORS if IS_FORGE else ()
+        return {"checkpoint": m.sd_checkpoint_info.title, "unet": _tensor_digest(_unet(m)),
+                "text_encoder": _tensor_digest(_text_encoder(m), te_skip), "vae": _tensor_digest(_vae(m))}
 
 
 def loaded_networks() -> dict:
@@ -329,16 +384,19 @@ def model(checkpoint: str | None = None) -> dict:
         _use_checkpoint(checkpoint)
         m = shared.sd_model
         te = _text_encoder(m)
-        encoders = list(te.embedders) if getattr(m, "is_sdxl", False) else [te]
+        if IS_FORGE:
+            encoders = list(te.children())  # clip_l (SDXL: and clip_g)
+        else:
+            encoders = list(te.embedders) if getattr(m, "is_sdxl", False) else [te]
         return {
             "checkpoint": m.sd_checkpoint_info.title, "model_name": m.sd_checkpoint_info.model_name,
             **{k: bool(getattr(m, k, False)) for k in ("is_sd1", "is_sd2", "is_sdxl", "is_sd3")},
             "model_type": str(getattr(getattr(m, "model_type", None), "name", None)),
-            "parameterization": getattr(m, "parameterization", None),
+            "parameterization": _parameterization(m), "host": "forge" if IS_FORGE else "a1111",
             "text_encoders": [type(e).__name__ for e in encoders],
-            "wrapped": [type(getattr(e, "wrapped", e)).__name__ for e in encoders],
-            "unet_parameters": sum(p.numel() for p in m.model.diffusion_model.parameters()),
-            "unet_dtype": str(next(m.model.diffusion_model.parameters()).dtype),
+            "wrapped": [type(getattr(e, "transformer" if IS_FORGE else "wrapped", e)).__name__ for e in encoders],
+            "unet_parameters": sum(p.numel() for p in _unet(m).parameters()),
+            "unet_dtype": str(next(_unet(m).parameters()).dtype),
         }
 
 
