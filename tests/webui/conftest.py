@@ -16,7 +16,8 @@
     hosts uses it. Without an A1111 install every test here that does not ask for another
     host is skipped at collection, as before Forge was added.
   - ``forge`` (session): WebUI Forge, a ``WebUIClient``. It is started only when a test first
-    needs it (about 20 s, and its first generation loads the model: about 25 s more), once.
+    needs it (about 15 s, and its first generation loads the model: about 10 s more), once, and
+    stopped right after the last test that uses it (it holds 7 to 13 GB of memory).
   - ``host_webui`` (session, parametrised with ids ``a1111`` and ``forge``): a ``HostWebUI``,
     the client of one host plus its ``HostProfile`` (checkpoint names, image size, steps).
 
@@ -72,6 +73,8 @@ def required(host: str) -> bool:
 
 REQUIRED = required("a1111")
 _timings: dict = {}
+_servers: dict = {}  # host -> its running WebUIServer (only forge is stopped early)
+_last_forge_item: list = []  # the nodeid of the last test that uses Forge, once known
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +187,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line("webui timings: " + ", ".join(parts), bold=True)
 
 
+def _uses_forge(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return "forge" in getattr(item, "fixturenames", ()) or bool(
+        callspec and callspec.params.get("host_webui") == "forge")
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stop Forge right after the last test that uses it (it holds 7 to 13 GB), not at the end
+    of the session."""
+    if "forge" not in _servers:
+        return
+    if not _last_forge_item:  # the final order is known now
+        _last_forge_item.append(next((it.nodeid for it in reversed(item.session.items) if _uses_forge(it)), None))
+    if item.nodeid == _last_forge_item[0] or nextitem is None:
+        _servers.pop("forge").stop()
+        _log("[webui] forge stopped after its last test")
+
+
 def _log(message: str) -> None:
     sys.stderr.write(message + "\n")
 
@@ -217,12 +238,14 @@ def forge():
         _absent("forge")
     forge_dir, forge_python = INSTALLS["forge"]
     with webui_server.running(forge_dir, forge_python, host="forge", log=_log) as client:
+        _servers["forge"] = client.server
         try:
             yield client
         finally:
             _timings["forge startup (launch -> ready)"] = client.server.startup_s
             _timings["forge launch -> first image"] = client.first_image_s
             _timings[f"forge generations ({client.generations})"] = client.generation_s
+            _servers.pop("forge", None)
 
 
 @pytest.fixture(scope="session")
