@@ -107,8 +107,8 @@ def assemble(out: str, weights: str = WEIGHTS, bpe: str | None = None, position_
     paths = []
     for name, model in CHECKPOINTS.items():
         path = os.path.join(ck_dir, name + ".safetensors")
-        save_file(checkpoint_state_dict(model, weights, position_ids), path,
-                  metadata={"format": "pt", "magicfusion_toy": model})
+        # one metadata key only: safetensors writes several in no fixed order
+        save_file(checkpoint_state_dict(model, weights, position_ids), path, metadata={"format": "pt"})
         write_yaml(os.path.join(ck_dir, name + ".yaml"), meta["scale_factor"], clip_dir)
         paths.append(path)
     return paths

@@ -30,9 +30,9 @@ import arch  # noqa: E402
 import make_data  # noqa: E402
 import world as W  # noqa: E402
 
-STAGES = ("clip", "vae", "vae_mix", "latents", "general", "fine", "dreambooth", "export")
+STAGES = ("clip", "vae", "vae_mix", "latents", "general", "fine", "fine_more", "dreambooth", "export")
 SEED = 1234
-STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "general": 1100, "fine": 600, "dreambooth": 200}
+STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "general": 1100, "fine": 600, "fine_more": 600, "dreambooth": 200}
 BATCH = 48
 DROPOUT = 0.1  # prompt dropout (-> "" ) for classifier-free guidance
 LOG_EVERY = 50
@@ -244,6 +244,11 @@ def stage_unet(work: str, weights: str, data: dict, which: str) -> None:
         log(f"{which}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, {len(sel)} latents")
         ema, run = train_unet(unet, lat_all[sel], ctx_all[sel], uncond, STEPS[which], 5e-4, which, 0.999,
                               SEED + (10 if which == "general" else 20))
+    elif which == "fine_more":  # the fine expert trained on from its EMA weights (prompt following comes late)
+        sel = torch.from_numpy(np.nonzero(sets == "fine")[0])
+        unet = new_unet()
+        unet.load_state_dict(torch.load(os.path.join(work, "unet_fine.pt"))["state"])
+        ema, run = train_unet(unet, lat_all[sel], ctx_all[sel], uncond, STEPS["fine_more"], 3e-4, which, 0.995, SEED + 21)
     else:  # DreamBooth: the general model fine-tuned on the sks images, prior = general class images
         unet = new_unet()
         unet.load_state_dict(torch.load(os.path.join(work, "unet_general.pt"))["state"])
@@ -272,6 +277,10 @@ def stage_export(work: str, weights: str) -> None:
             "vae_final_l1_mse_kl": [round(v, 5) for v in vck["final"]], "unets": {}}
     for which in ("general", "fine", "dreambooth"):
         ck = torch.load(os.path.join(work, f"unet_{which}.pt"))
+        if which == "fine" and os.path.exists(os.path.join(work, "unet_fine_more.pt")):
+            more = torch.load(os.path.join(work, "unet_fine_more.pt"))
+            ck = {**more, "steps": ck["steps"] + more["steps"], "seconds": ck["seconds"] + more["seconds"],
+                  "curve": ck["curve"] + more["curve"]}
         save_file(ldm_convert.half(ldm_convert.unet_to_ldm(ck["state"])), os.path.join(weights, f"unet-{which}.safetensors"),
                   metadata={"format": "pt"})
         meta["unets"][which] = {"final_loss": round(ck["final_loss"], 5), "steps": ck["steps"],
@@ -286,6 +295,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", required=True, help="scratch folder (data, stage results)")
     ap.add_argument("--weights", default=os.path.join(HERE, "weights"), help="where the committed weights go")
     ap.add_argument("--stages", default="", help="comma-separated stages to (re)do even if done: " + ",".join(STAGES))
+    ap.add_argument("--only", default="", help="comma-separated stages: run just these (e.g. to train fine in a second process)")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (use 1 when other jobs share the cores: 2 contended threads can be 10x slower)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
@@ -310,10 +320,14 @@ def main(argv=None) -> int:
         "clip": os.path.join(args.weights, "clip-words.json"), "vae": os.path.join(args.work, "vae_base.pt"),
         "vae_mix": os.path.join(args.work, "vae.pt"),
         "latents": os.path.join(args.work, "latents.pt"), "general": os.path.join(args.work, "unet_general.pt"),
-        "fine": os.path.join(args.work, "unet_fine.pt"), "dreambooth": os.path.join(args.work, "unet_dreambooth.pt"),
+        "fine": os.path.join(args.work, "unet_fine.pt"), "fine_more": os.path.join(args.work, "unet_fine_more.pt"),
+        "dreambooth": os.path.join(args.work, "unet_dreambooth.pt"),
         "export": None,
     }
+    only = {s for s in args.only.split(",") if s}
     for stage in STAGES:
+        if only and stage not in only:
+            continue
         if stage not in force and done[stage] and os.path.exists(done[stage]):
             log(f"{stage}: done before, skipped")
             continue
