@@ -30,9 +30,9 @@ import arch  # noqa: E402
 import make_data  # noqa: E402
 import world as W  # noqa: E402
 
-STAGES = ("clip", "vae", "vae_mix", "latents", "general", "fine", "fine_more", "dreambooth", "export")
+STAGES = ("clip", "vae", "vae_mix", "latents", "general", "general_more", "fine", "fine_more", "dreambooth", "export")
 SEED = 1234
-STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "general": 1100, "fine": 600, "fine_more": 600, "dreambooth": 200}
+STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "general": 1100, "general_more": 500, "fine": 600, "fine_more": 600, "dreambooth": 200}
 BATCH = 48
 DROPOUT = 0.1  # prompt dropout (-> "" ) for classifier-free guidance
 LOG_EVERY = 50
@@ -244,14 +244,17 @@ def stage_unet(work: str, weights: str, data: dict, which: str) -> None:
         log(f"{which}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, {len(sel)} latents")
         ema, run = train_unet(unet, lat_all[sel], ctx_all[sel], uncond, STEPS[which], 5e-4, which, 0.999,
                               SEED + (10 if which == "general" else 20))
-    elif which == "fine_more":  # the fine expert trained on from its EMA weights (prompt following comes late)
-        sel = torch.from_numpy(np.nonzero(sets == "fine")[0])
+    elif which in ("general_more", "fine_more"):  # trained on from the EMA weights (prompt following comes late)
+        base = which.removesuffix("_more")
+        sel = torch.from_numpy(np.nonzero(sets == base)[0])
         unet = new_unet()
-        unet.load_state_dict(torch.load(os.path.join(work, "unet_fine.pt"))["state"])
-        ema, run = train_unet(unet, lat_all[sel], ctx_all[sel], uncond, STEPS["fine_more"], 3e-4, which, 0.995, SEED + 21)
+        unet.load_state_dict(torch.load(os.path.join(work, f"unet_{base}.pt"))["state"])
+        ema, run = train_unet(unet, lat_all[sel], ctx_all[sel], uncond, STEPS[which], 3e-4, which, 0.995,
+                              SEED + (21 if base == "fine" else 11))
     else:  # DreamBooth: the general model fine-tuned on the sks images, prior = general class images
         unet = new_unet()
-        unet.load_state_dict(torch.load(os.path.join(work, "unet_general.pt"))["state"])
+        gen = "unet_general_more.pt" if os.path.exists(os.path.join(work, "unet_general_more.pt")) else "unet_general.pt"
+        unet.load_state_dict(torch.load(os.path.join(work, gen))["state"])
         inst = torch.from_numpy(np.nonzero(sets == "sks")[0])
         cls = torch.from_numpy(np.nonzero((sets == "general") & (data["prompt"] == W.CLASS_PROMPT))[0])
         log(f"dreambooth: {len(inst)} instance images, {len(cls)} class images")
@@ -277,8 +280,8 @@ def stage_export(work: str, weights: str) -> None:
             "vae_final_l1_mse_kl": [round(v, 5) for v in vck["final"]], "unets": {}}
     for which in ("general", "fine", "dreambooth"):
         ck = torch.load(os.path.join(work, f"unet_{which}.pt"))
-        if which == "fine" and os.path.exists(os.path.join(work, "unet_fine_more.pt")):
-            more = torch.load(os.path.join(work, "unet_fine_more.pt"))
+        if which in ("general", "fine") and os.path.exists(os.path.join(work, f"unet_{which}_more.pt")):
+            more = torch.load(os.path.join(work, f"unet_{which}_more.pt"))
             ck = {**more, "steps": ck["steps"] + more["steps"], "seconds": ck["seconds"] + more["seconds"],
                   "curve": ck["curve"] + more["curve"]}
         save_file(ldm_convert.half(ldm_convert.unet_to_ldm(ck["state"])), os.path.join(weights, f"unet-{which}.safetensors"),
@@ -320,6 +323,7 @@ def main(argv=None) -> int:
         "clip": os.path.join(args.weights, "clip-words.json"), "vae": os.path.join(args.work, "vae_base.pt"),
         "vae_mix": os.path.join(args.work, "vae.pt"),
         "latents": os.path.join(args.work, "latents.pt"), "general": os.path.join(args.work, "unet_general.pt"),
+        "general_more": os.path.join(args.work, "unet_general_more.pt"),
         "fine": os.path.join(args.work, "unet_fine.pt"), "fine_more": os.path.join(args.work, "unet_fine_more.pt"),
         "dreambooth": os.path.join(args.work, "unet_dreambooth.pt"),
         "export": None,
