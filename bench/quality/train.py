@@ -1,7 +1,7 @@
 """Train the toy world's models from scratch: the VAE, the general UNet, the fine-grained
 expert UNet and the DreamBooth fine-tune of the general UNet; write the committed weights.
 
-    python bench/quality/train.py --work /tmp/toyworld            # everything (~1 h on 2 cores)
+    python bench/quality/train.py --work /tmp/toyworld --threads 1   # everything (~100 min on 2 shared cores)
     python bench/quality/train.py --work /tmp/toyworld --stages dreambooth,export
 
 Needs torch, diffusers, transformers, safetensors, numpy and (for the tokenizer the test bed
