@@ -32,7 +32,8 @@ import world as W  # noqa: E402
 
 STAGES = ("clip", "vae", "vae_mix", "latents", "general", "general_more", "fine", "fine_more", "dreambooth", "export")
 SEED = 1234
-STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "general": 1100, "general_more": 500, "fine": 600, "fine_more": 600, "dreambooth": 200}
+STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "general": 1100, "general_more": 0,  # 0: skipped (the committed run has none)
+         "fine": 600, "fine_more": 600, "dreambooth": 200}
 BATCH = 48
 DROPOUT = 0.1  # prompt dropout (-> "" ) for classifier-free guidance
 LOG_EVERY = 50
@@ -310,7 +311,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown steps key {k}")
         STEPS[k] = int(v)
     for k in STEPS:
-        STEPS[k] = max(2, int(STEPS[k] * args.steps_scale))
+        STEPS[k] = max(2, int(STEPS[k] * args.steps_scale)) if STEPS[k] else 0
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
     force = {s for s in args.stages.split(",") if s}
@@ -331,6 +332,8 @@ def main(argv=None) -> int:
     only = {s for s in args.only.split(",") if s}
     for stage in STAGES:
         if only and stage not in only:
+            continue
+        if STEPS.get(stage) == 0:
             continue
         if stage not in force and done[stage] and os.path.exists(done[stage]):
             log(f"{stage}: done before, skipped")
