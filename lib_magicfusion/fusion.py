@@ -188,8 +188,13 @@ class SNBFusion:
     outside: int = 0
     record_masks: bool = False
     method: str = "official"
+    temporal: float = 0.0          # (not official) EMA decay of the saliency maps over the steps
+    softness: float = 0.0          # (not official) 0 = hard argmax; > 0: weights ~ P ** (1 / softness)
+    shared_uncond: bool = False    # (not official) every model's guidance added to the general model's uncond
     last_mask: torch.Tensor | None = field(default=None, init=False)
     masks: dict = field(default_factory=dict, init=False)
+    _ema: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _weights: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_params(cls, params) -> SNBFusion:
@@ -217,9 +222,11 @@ class SNBFusion:
         return len(self.ks)
 
     def reset(self) -> None:
-        """Forget the masks of a previous sampling pass."""
+        """Forget the masks (and any state carried over the steps) of a previous sampling pass."""
         self.last_mask = None
         self.masks = {}
+        self._ema = None
+        self._weights = None
 
     def in_window(self, step: int, total: int) -> bool:
         lo, hi = window_bounds(self.start, self.end, total)
@@ -281,6 +288,10 @@ class SNBFusion:
         general = preds[0]
         dtype = general.cond.dtype
         outputs = [guided(p).to(dtype) for p in preds]
+        if self.method == "average":
+            return FusionResult(torch.stack(outputs).mean(dim=0), None)
+        if self.method != "official":
+            return self._combine_smooth(preds, outputs, space, sigma, step, region)
         if all(p.uncond is not None for p in preds):
             deltas, temperatures = self._saliency_inputs(preds, space, sigma)
             mask = torch.argmax(snb.stacked_saliency(deltas, temperatures, self.blur, region), dim=0)
@@ -290,3 +301,31 @@ class SNBFusion:
         else:
             mask = self.last_mask
         return FusionResult(snb.blend(outputs, mask), mask)
+
+    def _combine_smooth(self, preds, outputs, space, sigma, step, region) -> FusionResult:
+        """Research path: saliency smoothed over the steps, soft weights, shared uncond."""
+        dtype = outputs[0].dtype
+        if all(p.uncond is not None for p in preds):
+            deltas, temperatures = self._saliency_inputs(preds, space, sigma)
+            maps = snb.stacked_saliency(deltas, temperatures, self.blur, region)  # (N, B, 1, H, W)
+            if self.temporal > 0 and self._ema is not None and self._ema.shape == maps.shape:
+                maps = self.temporal * self._ema + (1 - self.temporal) * maps
+            self._ema = maps
+            if self.softness > 0:
+                logits = torch.log(maps.clamp_min(torch.finfo(maps.dtype).tiny)) / self.softness
+                weights = torch.softmax(logits, dim=0)
+            else:
+                weights = torch.nn.functional.one_hot(torch.argmax(maps, dim=0), self.n_models).movedim(-1, 0).to(maps.dtype)
+            self._weights = weights
+            mask = torch.argmax(weights, dim=0)
+            self.last_mask = mask
+            if self.record_masks and step is not None:
+                self.masks[step] = mask.to("cpu", torch.uint8)
+        else:
+            weights, mask = self._weights, self.last_mask
+        weights = weights.to(dtype)
+        if self.shared_uncond:
+            base = preds[0].reference_uncond().to(dtype)
+            terms = torch.stack([o - p.reference_uncond().to(dtype) for o, p in zip(outputs, preds)])
+            return FusionResult(base + (weights * terms).sum(dim=0), mask)
+        return FusionResult((weights * torch.stack(outputs)).sum(dim=0), mask)

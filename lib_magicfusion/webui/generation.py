@@ -43,6 +43,7 @@ class PassConds:
 
     c: Any   # MulticondLearnedConditioning
     uc: Any  # list of ScheduledPromptConditioning lists
+    main_negative: bool = False  # its negative prompts are the main ones (by text)
 
 
 @dataclass
@@ -211,7 +212,8 @@ class Generation:
             hires_steps = None
         if unit.prompt.strip():
             prompts = [unit.prompt] * len(prompts)
-        if unit.params.negative_prompt.strip():
+        own_negative = unit.params.negative_prompt.strip() and any(n != unit.params.negative_prompt for n in negatives)
+        if own_negative:
             negatives = [unit.params.negative_prompt] * len(negatives)
         with self.encoding(unit) as model, devices.autocast(), torch.no_grad():
             c = prompt_parser.get_multicond_learned_conditioning(
@@ -220,7 +222,7 @@ class Generation:
             uc = prompt_parser.get_learned_conditioning(
                 model, prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True),
                 p.firstpass_steps, hires_steps, shared.opts.use_old_scheduling)
-        return PassConds(c, uc)
+        return PassConds(c, uc, main_negative=not own_negative)
 
     def _close_pass(self) -> None:
         record = self.record

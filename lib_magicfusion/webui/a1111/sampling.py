@@ -244,7 +244,9 @@ def _plan_call(gen: Generation, params) -> Call:
         e_uncond = prompt_parser.reconstruct_cond_batch(unit.conds.uc, denoiser.step)
         if len(e_conds_list) != batch:
             raise MagicFusionError(f"the expert prompts cover {len(e_conds_list)} images, the batch has {batch}", unit.field("prompt"))
-        shares = unit.expert.is_main and rows.same_cond(e_uncond, params.text_uncond)
+        # One checkpoint, one negative prompt: the unit's uncond is the main model's (evaluated once,
+        # with the main prompt's networks; README: a unit's networks act on its cond rows then).
+        shares = unit.expert.is_main and unit.conds.main_negative
         uc = UnitCall(unit, e_conds_list, tensor, e_uncond, mode="own", shares_uncond=shares and not call.alone)
         if uc.shares_uncond and gen.same_networks_as_main(unit) and rows.same_layout(e_conds_list, conds_list) \
                 and rows.same_cond(tensor, prompt_parser_tensor(params.text_cond, main_rows)):

@@ -19,6 +19,7 @@ from modules import shared
 
 from ...params import MagicFusionError
 from ..cache import ExpertCache
+from . import backend
 
 
 @dataclass
@@ -34,7 +35,7 @@ class ForgeExpert:
 
     def release(self) -> None:
         """Drop the engine from Forge's memory manager, so its memory can return."""
-        from backend import memory_management as mm
+        mm = backend.memory_management()
         engine, self.objects = self.engine, None
         if engine is None or self.is_main:
             return
@@ -73,9 +74,8 @@ def check_compatible(main, expert: ForgeExpert, *, text_encoder: str, field_name
 
 
 def _collect() -> None:
-    from backend import memory_management as mm
     gc.collect()
-    mm.soft_empty_cache()
+    backend.memory_management().soft_empty_cache()
 
 
 cache = ExpertCache(free=_collect)
@@ -93,10 +93,9 @@ def get(info, field_name: str, slot: int = 0) -> ForgeExpert:
         return ForgeExpert(main, main_info, is_main=True)
 
     def load():
-        from backend.loader import forge_loader
         try:
             with torch.inference_mode():
-                engine = forge_loader(info.filename)
+                engine = backend.load_engine(info.filename)
         except Exception as e:
             _collect()
             raise MagicFusionError(f"could not load {info.title!r}: {type(e).__name__}: {e}", field_name) from e

@@ -34,6 +34,7 @@ from ...fusion import Prediction, StepPlan, sampling_step
 from ...params import MagicFusionError
 from ...snb import blend
 from ..generation import Generation
+from . import backend
 
 GENERAL = 0
 
@@ -45,7 +46,6 @@ class Call:
     plan: StepPlan | None = None
     cond_scale: float = 1.0
     skip_uncond: bool = False
-    text_uncond: Any = None
     main_ran: bool = False
     units: dict = field(default_factory=dict)
 
@@ -87,8 +87,7 @@ def disarm(gen: Generation) -> None:
     if armed is not None and sd_model is not None and getattr(sd_model, "forge_objects", None) is not None \
             and sd_model.forge_objects.unet is armed:
         sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
-        from backend import memory_management as mm
-        mm.unload_model_clones(sd_model.forge_objects.unet)
+        backend.memory_management().unload_model_clones(sd_model.forge_objects.unet)
     gen.armed = None
 
 
@@ -98,7 +97,7 @@ def on_cfg_denoiser(params: script_callbacks.CFGDenoiserParams) -> None:
     if gen is None:
         return
     gen.denoiser = denoiser
-    gen.call = Call(denoiser, sampling_step(denoiser.step, denoiser.total_steps, denoiser.steps), text_uncond=params.text_uncond)
+    gen.call = Call(denoiser, sampling_step(denoiser.step, denoiser.total_steps, denoiser.steps))
 
 
 def _modifier(gen: Generation):
@@ -165,9 +164,6 @@ def _post_cfg(gen: Generation, previous):
 
 
 def _fuse(gen: Generation, call: Call, args, previous):
-    from backend.sampling.condition import compile_conditions, compile_weighted_conditions
-    from backend.sampling.sampling_function import calc_cond_uncond_batch
-
     x, sigma, plan = args["input"], args["sigma"], call.plan
     batch = x.shape[0]
     skip = call.skip_uncond
@@ -186,19 +182,19 @@ def _fuse(gen: Generation, call: Call, args, previous):
         expert = unit.expert
         conds_list, tensor = prompt_parser.reconstruct_multicond_batch(unit.conds.c, denoiser.step)
         e_uncond = prompt_parser.reconstruct_cond_batch(unit.conds.uc, denoiser.step)
-        cond = compile_weighted_conditions(tensor, conds_list)
-        shares = expert.is_main and main_uncond is not None and _same(e_uncond, call.text_uncond)
+        cond = backend.compile_weighted_conditions(tensor, conds_list)
+        shares = expert.is_main and main_uncond is not None and unit.conds.main_negative
         if shares and not call.alone and _same_conds(cond, args["cond"]):
             preds[m] = preds[GENERAL]  # one model, the same prompts: its predictions are the main model's
             continue
-        uncond = None if skip or shares else compile_conditions(e_uncond)
+        uncond = None if skip or shares else backend.compile_conditions(e_uncond)
         if expert.is_main:
             kmodel, options = args["model"], _unit_options(args["model_options"], previous)
         else:
             kmodel, options = expert.objects.unet.model, expert.objects.unet.model_options
         gen.in_unit = True
         try:
-            c_pred, u_pred = calc_cond_uncond_batch(kmodel, cond, uncond, x, sigma, options)
+            c_pred, u_pred = backend.calc_cond_uncond_batch(kmodel, cond, uncond, x, sigma, options)
         finally:
             gen.in_unit = False
         gen.record.count(m)
