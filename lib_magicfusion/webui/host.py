@@ -23,3 +23,12 @@ def adapter():
     """The host's package: a1111 or forge, each with `Generation`, `cache`, `install()`,
     `on_main_changed(model)`, `memory_bytes(expert)`."""
     return importlib.import_module(f"{__package__}.{name()}")
+
+
+def register_once(hooks) -> None:
+    """Register script callbacks unless they already are (Reload UI clears them and re-imports
+    the script): hooks are (callback_map key, registrar, function)."""
+    from modules import script_callbacks
+    for key, register, fn in hooks:
+        if not any(c.callback is fn for c in script_callbacks.callback_map[key]):
+            register(fn, name=f"magicfusion_{fn.__name__}")

@@ -23,7 +23,6 @@ layer last merged. Three ways follow from that, each chosen where it is exact or
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,13 +30,12 @@ from typing import Any
 import torch
 
 from ...params import MagicFusionError
-
-NETWORK_TYPES = ("lora", "lyco")  # the extra-network tags the built-in networks extension handles
+from .. import network_tags
 
 
 def module():
     """The built-in networks extension's module, or None when it is not loaded."""
-    return sys.modules.get("networks") if "lora_patches" in sys.modules or "networks" in sys.modules else None
+    return network_tags.networks_module()
 
 
 @dataclass
@@ -51,75 +49,28 @@ class NetworkSet:
         return tuple((n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim) for n in self.nets)
 
 
-def split_prompt(prompt: str) -> tuple[str, dict]:
-    """The prompt without extra-network tags, and the tags by type (the WebUI's own parser)."""
-    from modules import extra_networks
-    return extra_networks.parse_prompt(prompt)
-
-
-def _multipliers(params) -> tuple[str, float, float, int | None]:
-    # The WebUI's own reading of <lora:name:te:unet:dyn> (extra_networks_lora.ExtraNetworkLora.activate).
-    name = params.positional[0]
-    te = float(params.positional[1]) if len(params.positional) > 1 else 1.0
-    te = float(params.named.get("te", te))
-    unet = float(params.positional[2]) if len(params.positional) > 2 else te
-    unet = float(params.named.get("unet", unet))
-    dyn = int(params.positional[3]) if len(params.positional) > 3 else None
-    dyn = int(params.named["dyn"]) if "dyn" in params.named else dyn
-    return name, te, unet, dyn
-
-
 _loaded: dict = {}  # (file, mtime, te, unet, dyn) -> Network
 
 
 def resolve(tags: dict, field_name: str) -> NetworkSet:
-    """The networks named by a unit prompt's tags, loaded as the unit's own; a name that is not
-    installed, a tag type the unit cannot apply, or no networks extension: an error naming the field."""
-    other = sorted(t for t in tags if t not in NETWORK_TYPES)
-    if other:
-        raise MagicFusionError(f"<{other[0]}:…> networks cannot be applied to an expert (only {', '.join(NETWORK_TYPES)})", field_name)
-    params_list = [p for t in NETWORK_TYPES for p in tags.get(t, [])]
-    if not params_list:
-        return NetworkSet()
-    nw = module()
-    if nw is None:
-        raise MagicFusionError("has networks, but the WebUI's built-in Lora extension is not enabled", field_name)
+    """The networks named by a unit prompt's tags, loaded as the unit's own instances."""
     import os
     out = []
-    for params in params_list:
-        try:
-            name, te, unet, dyn = _multipliers(params)
-        except (ValueError, IndexError) as e:
-            raise MagicFusionError(f"cannot read the network tag {params.items!r}: {e}", field_name) from None
-        on_disk = _on_disk(nw, name)
-        if on_disk is None:
-            raise MagicFusionError(f"no network named {name!r} is installed (see the Lora tab)", field_name)
-        key = (on_disk.filename, os.path.getmtime(on_disk.filename), te, unet, dyn)
+    for tag in network_tags.read(tags, field_name):
+        key = (tag.on_disk.filename, os.path.getmtime(tag.on_disk.filename), tag.te, tag.unet, tag.dyn)
         net = _loaded.get(key)
         if net is None:
             try:
-                net = nw.load_network(name, on_disk)
+                net = module().load_network(tag.name, tag.on_disk)
             except Exception as e:
-                raise MagicFusionError(f"could not load the network {name!r}: {type(e).__name__}: {e}", field_name) from e
-            net.te_multiplier, net.unet_multiplier, net.dyn_dim = te, unet, dyn
-            net.mentioned_name = name
-            _loaded.clear() if len(_loaded) > 32 else None
+                raise MagicFusionError(f"could not load the network {tag.name!r}: {type(e).__name__}: {e}", field_name) from e
+            net.te_multiplier, net.unet_multiplier, net.dyn_dim = tag.te, tag.unet, tag.dyn
+            net.mentioned_name = tag.name
+            if len(_loaded) > 32:
+                _loaded.clear()
             _loaded[key] = net
         out.append(net)
     return NetworkSet(out)
-
-
-def _on_disk(nw, name):
-    def look():
-        if name.lower() in nw.forbidden_network_aliases:
-            return nw.available_networks.get(name)
-        return nw.available_network_aliases.get(name)
-
-    found = look()
-    if found is None:
-        nw.update_available_networks_by_names([name])
-        found = look() or (nw.list_available_networks() or look())
-    return found
 
 
 def current() -> list | None:

@@ -19,7 +19,6 @@ Per denoiser call (A1111's CFGDenoiser.forward):
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +28,7 @@ from modules import prompt_parser, script_callbacks, shared
 from ...fusion import Prediction, StepPlan, sampling_step
 from ...params import MagicFusionError
 from ...snb import blend
+from .. import cfg_pp, host
 from ..generation import Generation, Unit
 from . import networks, rows
 from .generation import unit_nets
@@ -355,29 +355,16 @@ def _fuse_rows(gen: Generation, call: Call, x_out: torch.Tensor) -> None:
             fused_uncond = unconds[call.plan.models[0]].clone()
         else:
             fused_uncond = blend(unconds, result.mask)
-        _cfg_pp.pending = (denoiser, fused_uncond)
+        cfg_pp.hand_over(denoiser, fused_uncond)
     # Every row of image i becomes its fused prediction: u + w*s*(F - F) == F exactly. The
     # cond rows are laid out as the WebUI built x_in: image by image, its rows together.
     x_out[:main_rows] = rows.repeat_rows(fused, call.conds_list)
     x_out[-batch:] = fused
 
 
-_cfg_pp = threading.local()  # on_cfg_denoised -> on_cfg_after_cfg of the same denoiser call, on the same thread
-
-
-def on_cfg_after_cfg(params: script_callbacks.AfterCFGCallbackParams) -> None:
-    pending = getattr(_cfg_pp, "pending", None)
-    if pending is not None:
-        denoiser, uncond = pending
-        denoiser.last_noise_uncond = uncond
-        _cfg_pp.pending = None
-
-
 def install() -> None:
     """Register the callbacks unless they already are (Reload UI clears them and re-imports the script)."""
     hooks = (("callbacks_cfg_denoiser", script_callbacks.on_cfg_denoiser, on_cfg_denoiser),
              ("callbacks_cfg_denoised", script_callbacks.on_cfg_denoised, on_cfg_denoised),
-             ("callbacks_cfg_after_cfg", script_callbacks.on_cfg_after_cfg, on_cfg_after_cfg))
-    for key, register, fn in hooks:
-        if not any(c.callback is fn for c in script_callbacks.callback_map[key]):
-            register(fn, name=f"magicfusion_{fn.__name__}")
+             ("callbacks_cfg_after_cfg", script_callbacks.on_cfg_after_cfg, cfg_pp.on_cfg_after_cfg))
+    host.register_once(hooks)

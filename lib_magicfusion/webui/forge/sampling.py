@@ -23,7 +23,6 @@ the fused uncond noise.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +32,7 @@ from modules import prompt_parser, script_callbacks
 from ...fusion import Prediction, StepPlan, sampling_step
 from ...params import MagicFusionError
 from ...snb import blend
+from .. import cfg_pp, host
 from ..generation import Generation
 from . import backend
 
@@ -215,7 +215,7 @@ def _fuse(gen: Generation, call: Call, args, previous):
         # DDIM CFG++ steers with the uncond noise: hand it the fused one.
         unconds = [None if p is None else p.reference_uncond() for p in preds]
         fused_uncond = unconds[plan.models[0]] if result.mask is None else blend(unconds, result.mask)
-        _cfg_pp.pending = (denoiser, (x - fused_uncond) / sigma.reshape(-1, 1, 1, 1))
+        cfg_pp.hand_over(denoiser, (x - fused_uncond) / sigma.reshape(-1, 1, 1, 1))
     return fused
 
 
@@ -232,21 +232,8 @@ def _same_conds(a, b) -> bool:
                                     (x.get(k) is None and y.get(k) is None) for k in keys) for x, y in zip(a, b))
 
 
-_cfg_pp = threading.local()
-
-
-def on_cfg_after_cfg(params: script_callbacks.AfterCFGCallbackParams) -> None:
-    pending = getattr(_cfg_pp, "pending", None)
-    if pending is not None:
-        denoiser, uncond = pending
-        denoiser.last_noise_uncond = uncond
-        _cfg_pp.pending = None
-
-
 def install() -> None:
     """Register the callbacks unless they already are (Reload UI clears them and re-imports the script)."""
     hooks = (("callbacks_cfg_denoiser", script_callbacks.on_cfg_denoiser, on_cfg_denoiser),
-             ("callbacks_cfg_after_cfg", script_callbacks.on_cfg_after_cfg, on_cfg_after_cfg))
-    for key, register, fn in hooks:
-        if not any(c.callback is fn for c in script_callbacks.callback_map[key]):
-            register(fn, name=f"magicfusion_{fn.__name__}")
+             ("callbacks_cfg_after_cfg", script_callbacks.on_cfg_after_cfg, cfg_pp.on_cfg_after_cfg))
+    host.register_once(hooks)
