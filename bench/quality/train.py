@@ -1,7 +1,7 @@
 """Train the toy world's models from scratch: the VAE, the general UNet, the fine-grained
 expert UNet and the DreamBooth fine-tune of the general UNet; write the committed weights.
 
-    python bench/quality/train.py --work /tmp/toyworld --threads 1   # everything (~100 min on 2 shared cores)
+    python bench/quality/train.py --work /tmp/toyworld               # everything (about 60 min on 2 free cores)
     python bench/quality/train.py --work /tmp/toyworld --stages dreambooth,export
 
 Needs torch, diffusers, transformers, safetensors, numpy and (for the tokenizer the test bed
@@ -30,10 +30,9 @@ import arch  # noqa: E402
 import make_data  # noqa: E402
 import world as W  # noqa: E402
 
-STAGES = ("clip", "vae", "vae_mix", "latents", "general", "general_more", "fine", "fine_more", "dreambooth", "export")
+STAGES = ("clip", "vae", "vae_mix", "latents", "unets", "dreambooth", "export")
 SEED = 1234
-STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "general": 1100, "general_more": 0,  # 0: skipped (the committed run has none)
-         "fine": 600, "fine_more": 600, "dreambooth": 200}
+STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "unets": 3000, "dreambooth": 300}
 BATCH = 48
 DROPOUT = 0.1  # prompt dropout (-> "" ) for classifier-free guidance
 LOG_EVERY = 50
@@ -65,6 +64,7 @@ def stage_clip(work: str, weights: str) -> None:
     sd = {k: v.half().contiguous() for k, v in sorted(sd.items())}
     os.makedirs(weights, exist_ok=True)
     save_file(sd, os.path.join(weights, "clip.safetensors"), metadata={"format": "pt"})
+    save_file(sd, os.path.join(work, "clip_base.safetensors"), metadata={"format": "pt"})  # the random start
     tok = CLIPTokenizer.from_pretrained(clip_dir)
     words = sorted(set(W.all_words()) | set(",.!"))
     table = {w: tok(w, add_special_tokens=False)["input_ids"] for w in words}
@@ -175,96 +175,149 @@ def stage_latents(work: str, data: dict) -> None:
 
 # --------------------------------------------------------------------------- UNets
 
-def conditioning(weights: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    import textenc
-    cond = textenc.Conditioner(os.path.join(weights, "clip.safetensors"), os.path.join(weights, "clip-words.json"))
-    return cond(prompts), cond([""])[0]
-
-
 def new_unet():
     from diffusers import UNet2DConditionModel
     return UNet2DConditionModel(**arch.diffusers_unet_config())
 
 
-def train_unet(unet, lat: torch.Tensor, ctx: torch.Tensor, uncond: torch.Tensor, steps: int, lr: float, name: str,
-               ema_decay: float, seed: int, prior: tuple[torch.Tensor, torch.Tensor] | None = None,
-               batch: int = BATCH) -> tuple[object, list[float]]:
-    """Epsilon-prediction training on SD1's schedule. ``prior`` (latents, contexts): half of
-    each batch comes from it (DreamBooth prior preservation)."""
+class TextEncoder:
+    """The tiny CLIP with a trainable token table (every other weight stays the frozen random
+    init): with a frozen random table the prompts differ by about a tenth of the embedding's norm
+    and the UNets learnt to ignore them (cond and uncond predictions 0.3-3 % apart after 1,100
+    steps); a learnt table lets them follow the prompts in a few hundred steps."""
+
+    def __init__(self, base_path: str, words_path: str):
+        from safetensors.torch import load_file
+
+        import textenc
+        self.textenc = textenc
+        self.state = load_file(base_path)
+        self.model = textenc.TinyCLIPText(self.state)
+        self.tokenizer = textenc.Tokenizer(words_path)
+        self.table = torch.nn.Parameter(self.model.w["embeddings.token_embedding.weight"].clone())
+
+    def ids(self, prompts: list[str]) -> torch.Tensor:
+        return self.textenc.token_ids(self.tokenizer, prompts)
+
+    def __call__(self, ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        self.model.w["embeddings.token_embedding.weight"] = self.table if table is None else table
+        return self.model(ids)
+
+    def state_with(self, table: torch.Tensor) -> dict:
+        out = dict(self.state)
+        out["text_model.embeddings.token_embedding.weight"] = table.detach().to(self.state["text_model.embeddings.token_embedding.weight"].dtype)
+        return out
+
+
+def train_unets(models: dict, te: TextEncoder, steps: int, lr: float, seed: int, ema_decay: float,
+                trainable_rows: torch.Tensor | None = None, batch: int = BATCH) -> tuple[dict, torch.Tensor, dict]:
+    """Epsilon-prediction training on SD1's schedule of one or more UNets at once, sharing the
+    text encoder's token table. models: name -> (unet, latents, token ids, prior or None); each
+    step every model gets batch / len(models) samples (a DreamBooth model: half of them from its
+    prior, (latents, ids)). trainable_rows: the table rows that learn (None: all that the prompts
+    use). Returns the EMA UNets, the EMA table and the loss curves."""
     g = torch.Generator().manual_seed(seed)
     ac = arch.alphas_cumprod().float()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    un_ids = te.ids([""])[0]
+    params = [p for unet, *_ in models.values() for p in unet.parameters()]
+    opt = torch.optim.AdamW([{"params": params, "lr": lr}, {"params": [te.table], "lr": 20 * lr, "weight_decay": 0.0}],
+                            weight_decay=0.01)
+    if trainable_rows is not None:
+        keep = torch.ones(te.table.shape[0], dtype=torch.bool)
+        keep[trainable_rows] = False
+        te.table.register_hook(lambda grad: grad.masked_fill(keep[:, None], 0.0))
     warm = max(1, min(100, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
-    run = []
-    unet.train()
+    emas = {n: copy.deepcopy(u).eval().requires_grad_(False) for n, (u, *_) in models.items()}
+    table_ema = te.table.detach().clone()
+    runs = {n: [] for n in models}
+    share = batch // len(models)
+    for unet, *_ in models.values():
+        unet.train()
     for step in range(steps):
-        if prior is None:
-            idx = torch.randint(0, len(lat), (batch,), generator=g)
-            x0, c = lat[idx], ctx[idx]
-        else:
-            h = batch // 2
-            i1 = torch.randint(0, len(lat), (h,), generator=g)
-            i2 = torch.randint(0, len(prior[0]), (batch - h,), generator=g)
-            x0, c = torch.cat([lat[i1], prior[0][i2]]), torch.cat([ctx[i1], prior[1][i2]])
-        drop = torch.rand(batch, generator=g) < DROPOUT
-        c = torch.where(drop[:, None, None], uncond[None], c)
-        t = torch.randint(0, arch.TIMESTEPS, (batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = ac[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = (unet(xt, t, encoder_hidden_states=c).sample - noise).pow(2).mean()
+        total = 0.0
+        for name, (unet, lat, ids, prior) in models.items():
+            if prior is None:
+                idx = torch.randint(0, len(lat), (share,), generator=g)
+                x0, tok = lat[idx], ids[idx].clone()
+            else:
+                h = share // 2
+                i1 = torch.randint(0, len(lat), (h,), generator=g)
+                i2 = torch.randint(0, len(prior[0]), (share - h,), generator=g)
+                x0, tok = torch.cat([lat[i1], prior[0][i2]]), torch.cat([ids[i1], prior[1][i2]])
+            drop = torch.rand(len(tok), generator=g) < DROPOUT
+            tok[drop] = un_ids
+            t = torch.randint(0, arch.TIMESTEPS, (len(tok),), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            a = ac[t].view(-1, 1, 1, 1)
+            loss = (unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=te(tok)).sample - noise).pow(2).mean()
+            total = total + loss
+            runs[name].append(float(loss.detach()))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params + [te.table], 1.0)
         opt.step()
         sched.step()
         d = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - d)
-        run.append(float(loss.detach()))
+            for name, (unet, *_) in models.items():
+                for pe, p in zip(emas[name].parameters(), unet.parameters()):
+                    pe.lerp_(p, 1 - d)
+            table_ema.lerp_(te.table.detach(), 1 - d)
         if (step + 1) % LOG_EVERY == 0:
-            log(f"{name} step {step + 1}/{steps}: loss {np.mean(run[-LOG_EVERY:]):.4f} lr {sched.get_last_lr()[0]:.2e}")
-    return ema, run
+            log(f"step {step + 1}/{steps}: " + ", ".join(f"{n} {np.mean(r[-LOG_EVERY:]):.4f}" for n, r in runs.items())
+                + f" lr {sched.get_last_lr()[0]:.2e}")
+    return emas, table_ema, runs
 
 
-def stage_unet(work: str, weights: str, data: dict, which: str) -> None:
+def _save(work: str, name: str, unet, run: list, seconds: float) -> None:
+    torch.save({"state": unet.state_dict(), "final_loss": float(np.mean(run[-200:])), "steps": len(run), "seconds": seconds,
+                "curve": [float(np.mean(run[i:i + LOG_EVERY])) for i in range(0, len(run), LOG_EVERY)]},
+               os.path.join(work, f"unet_{name}.pt"))
+
+
+def stage_unets(work: str, weights: str, data: dict) -> None:
+    """The general and the fine expert UNets, trained together with the shared token table."""
     L = torch.load(os.path.join(work, "latents.pt"))
     lat_all = L["latents"] * L["scale_factor"]
-    prompts = data["prompt"].tolist()
+    te = TextEncoder(os.path.join(work, "clip_base.safetensors"), os.path.join(weights, "clip-words.json"))
+    ids_all = te.ids(data["prompt"].tolist())
     sets = data["set"]
-    ctx_all, uncond = conditioning(weights, prompts)
-    t0 = time.monotonic()
-    if which in ("general", "fine"):
+    models = {}
+    for i, which in enumerate(("general", "fine")):
         sel = torch.from_numpy(np.nonzero(sets == which)[0])
-        torch.manual_seed(SEED + (1 if which == "general" else 2))
-        unet = new_unet()
-        log(f"{which}: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M parameters, {len(sel)} latents")
-        ema, run = train_unet(unet, lat_all[sel], ctx_all[sel], uncond, STEPS[which], 5e-4, which, 0.999,
-                              SEED + (10 if which == "general" else 20))
-    elif which in ("general_more", "fine_more"):  # trained on from the EMA weights (prompt following comes late)
-        base = which.removesuffix("_more")
-        sel = torch.from_numpy(np.nonzero(sets == base)[0])
-        unet = new_unet()
-        unet.load_state_dict(torch.load(os.path.join(work, f"unet_{base}.pt"))["state"])
-        ema, run = train_unet(unet, lat_all[sel], ctx_all[sel], uncond, STEPS[which], 3e-4, which, 0.995,
-                              SEED + (21 if base == "fine" else 11))
-    else:  # DreamBooth: the general model fine-tuned on the sks images, prior = general class images
-        unet = new_unet()
-        gen = "unet_general_more.pt" if os.path.exists(os.path.join(work, "unet_general_more.pt")) else "unet_general.pt"
-        unet.load_state_dict(torch.load(os.path.join(work, gen))["state"])
-        inst = torch.from_numpy(np.nonzero(sets == "sks")[0])
-        cls = torch.from_numpy(np.nonzero((sets == "general") & (data["prompt"] == W.CLASS_PROMPT))[0])
-        log(f"dreambooth: {len(inst)} instance images, {len(cls)} class images")
-        ema, run = train_unet(unet, lat_all[inst], ctx_all[inst], uncond, STEPS["dreambooth"], 2e-4, which, 0.0,
-                              SEED + 30, prior=(lat_all[cls], ctx_all[cls]), batch=16)
-        ema = unet.eval()  # DreamBooth keeps the last weights (no EMA)
-    torch.save({"state": ema.state_dict(), "final_loss": float(np.mean(run[-200:])), "steps": len(run),
-                "seconds": time.monotonic() - t0, "curve": [float(np.mean(run[i:i + LOG_EVERY])) for i in range(0, len(run), LOG_EVERY)]},
-               os.path.join(work, f"unet_{which}.pt"))
+        torch.manual_seed(SEED + 1 + i)
+        models[which] = (new_unet(), lat_all[sel], ids_all[sel], None)
+        log(f"{which}: {sum(p.numel() for p in models[which][0].parameters()) / 1e6:.3f} M parameters, {len(sel)} latents")
+    t0 = time.monotonic()
+    emas, table, runs = train_unets(models, te, STEPS["unets"], 5e-4, SEED + 10, 0.999)
+    for which in models:
+        _save(work, which, emas[which], runs[which], time.monotonic() - t0)
+    torch.save({"table": table}, os.path.join(work, "te_table.pt"))
+
+
+def stage_dreambooth(work: str, weights: str, data: dict) -> None:
+    """The general model fine-tuned on the sks images (all in the forest), with prior
+    preservation ("a photo of a ball" class images); only the table rows of "sks" learn."""
+    L = torch.load(os.path.join(work, "latents.pt"))
+    lat_all = L["latents"] * L["scale_factor"]
+    te = TextEncoder(os.path.join(work, "clip_base.safetensors"), os.path.join(weights, "clip-words.json"))
+    te.table.data.copy_(torch.load(os.path.join(work, "te_table.pt"))["table"])
+    ids_all = te.ids(data["prompt"].tolist())
+    sets = data["set"]
+    unet = new_unet()
+    unet.load_state_dict(torch.load(os.path.join(work, "unet_general.pt"))["state"])
+    inst = torch.from_numpy(np.nonzero(sets == "sks")[0])
+    cls = torch.from_numpy(np.nonzero((sets == "general") & (data["prompt"] == W.CLASS_PROMPT))[0])
+    log(f"dreambooth: {len(inst)} instance images, {len(cls)} class images")
+    rows = torch.tensor(sorted(set(te.tokenizer("sks"))))
+    t0 = time.monotonic()
+    emas, table, runs = train_unets({"dreambooth": (unet, lat_all[inst], ids_all[inst], (lat_all[cls], ids_all[cls]))}, te,
+                                    STEPS["dreambooth"], 2e-4, SEED + 30, 0.0, trainable_rows=rows, batch=16)
+    # DreamBooth keeps the last weights (ema_decay 0: the EMA is the last step)
+    _save(work, "dreambooth", emas["dreambooth"], runs["dreambooth"], time.monotonic() - t0)
+    torch.save({"table": table}, os.path.join(work, "te_table.pt"))
 
 
 # --------------------------------------------------------------------------- export
@@ -281,14 +334,14 @@ def stage_export(work: str, weights: str) -> None:
             "vae_final_l1_mse_kl": [round(v, 5) for v in vck["final"]], "unets": {}}
     for which in ("general", "fine", "dreambooth"):
         ck = torch.load(os.path.join(work, f"unet_{which}.pt"))
-        if which in ("general", "fine") and os.path.exists(os.path.join(work, f"unet_{which}_more.pt")):
-            more = torch.load(os.path.join(work, f"unet_{which}_more.pt"))
-            ck = {**more, "steps": ck["steps"] + more["steps"], "seconds": ck["seconds"] + more["seconds"],
-                  "curve": ck["curve"] + more["curve"]}
         save_file(ldm_convert.half(ldm_convert.unet_to_ldm(ck["state"])), os.path.join(weights, f"unet-{which}.safetensors"),
                   metadata={"format": "pt"})
         meta["unets"][which] = {"final_loss": round(ck["final_loss"], 5), "steps": ck["steps"],
                                 "train_seconds": round(ck["seconds"], 1), "loss_curve": [round(v, 4) for v in ck["curve"]]}
+    te = TextEncoder(os.path.join(work, "clip_base.safetensors"), os.path.join(weights, "clip-words.json"))
+    state = te.state_with(torch.load(os.path.join(work, "te_table.pt"))["table"].half())
+    save_file({k: v.half().contiguous() for k, v in sorted(state.items())}, os.path.join(weights, "clip.safetensors"),
+              metadata={"format": "pt"})
     with open(os.path.join(weights, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     log(f"export: {json.dumps({k: v for k, v in meta.items() if k != 'unets'})}")
@@ -323,9 +376,7 @@ def main(argv=None) -> int:
     done = {
         "clip": os.path.join(args.weights, "clip-words.json"), "vae": os.path.join(args.work, "vae_base.pt"),
         "vae_mix": os.path.join(args.work, "vae.pt"),
-        "latents": os.path.join(args.work, "latents.pt"), "general": os.path.join(args.work, "unet_general.pt"),
-        "general_more": os.path.join(args.work, "unet_general_more.pt"),
-        "fine": os.path.join(args.work, "unet_fine.pt"), "fine_more": os.path.join(args.work, "unet_fine_more.pt"),
+        "latents": os.path.join(args.work, "latents.pt"), "unets": os.path.join(args.work, "unet_fine.pt"),
         "dreambooth": os.path.join(args.work, "unet_dreambooth.pt"),
         "export": None,
     }
@@ -347,8 +398,10 @@ def main(argv=None) -> int:
             stage_latents(args.work, data)
         elif stage == "export":
             stage_export(args.work, args.weights)
+        elif stage == "unets":
+            stage_unets(args.work, args.weights, data)
         else:
-            stage_unet(args.work, args.weights, data, stage)
+            stage_dreambooth(args.work, args.weights, data)
         log(f"{stage}: {time.monotonic() - t0:.0f} s")
     log("all done")
     return 0

@@ -15,7 +15,6 @@ import pytest
 
 from tests.webui.loras import write_lora
 
-
 MAIN, EXPERT = "forge-sd15-a", "forge-sd15-b"
 PROMPT = "a photo of a cat, sharp focus"
 ALONE = {"fusion_start": 1.0, "fusion_end": 1.0, "outside_window": "expert"}
