@@ -148,6 +148,18 @@ def stage_vae(work: str, data: dict, mix: bool = False) -> None:
                os.path.join(work, "vae.pt" if mix else "vae_base.pt"))
 
 
+def import_vae(work: str, weights: str) -> None:
+    """work/vae.pt from the committed weights/vae.safetensors (retrain the UNets on the committed VAE)."""
+    from safetensors.torch import load_file
+
+    import ldm_convert
+    with open(os.path.join(weights, "meta.json")) as f:
+        meta = json.load(f)
+    vae = ldm_convert.vae_from_ldm(load_file(os.path.join(weights, "vae.safetensors")), meta["scale_factor"])
+    torch.save({"state": vae.state_dict(), "final": meta["vae_final_l1_mse_kl"]}, os.path.join(work, "vae.pt"))
+    log("vae: imported from the committed weights")
+
+
 def load_vae(work: str):
     from diffusers import AutoencoderKL
     vae = AutoencoderKL(**arch.diffusers_vae_config())
@@ -357,6 +369,8 @@ def main(argv=None) -> int:
                     help="torch threads (use 1 when other jobs share the cores: 2 contended threads can be 10x slower)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
     ap.add_argument("--steps", default="", help="override steps, e.g. general=2000,fine=1000 (keys: " + ",".join(STEPS) + ")")
+    ap.add_argument("--vae-from-weights", action="store_true",
+                    help="skip the VAE stages: start from the committed weights/vae.safetensors")
     args = ap.parse_args(argv)
     for kv in filter(None, args.steps.split(",")):
         k, v = kv.split("=")
@@ -381,6 +395,10 @@ def main(argv=None) -> int:
         "export": None,
     }
     only = {s for s in args.only.split(",") if s}
+    if args.vae_from_weights:
+        if not os.path.exists(done["vae_mix"]) or "vae_mix" in force:
+            import_vae(args.work, args.weights)
+        only = (only or set(STAGES)) - {"vae", "vae_mix"}
     for stage in STAGES:
         if only and stage not in only:
             continue

@@ -189,7 +189,9 @@ def test_and_prompts_with_weights_and_per_image_masks(eps_models):
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * sigmas[0]
     with torch.no_grad():
         out = KDIFF_SAMPLERS["Euler"](solo, x[1:], sigmas, disable=True)
-    torch.testing.assert_close(out, both[1:], atol=1e-4, rtol=0)
+    # A batch of two and a batch of one round differently in the UNet's matmuls (seen: 2e-4 of
+    # a latent near unit scale); a mask leaking between images moves pixels by far more.
+    torch.testing.assert_close(out, both[1:], atol=1e-3, rtol=0)
     mismatch = sum(float((a[1:] != b).float().mean()) for a, b in zip(masks_both, solo.masks)) / len(solo.masks)
     assert mismatch < 0.01
 
