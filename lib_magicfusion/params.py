@@ -32,7 +32,7 @@ UNLOAD_SYMBOL = "\u23cf\ufe0f"  # the eject symbol
 BUTTON_HINTS = {UNLOAD_SYMBOL: "MagicFusion: unload the expert checkpoints now (they are loaded again when needed)"}
 MAX_TEXT = 20_000
 MAX_UNITS = 4
-METHODS = ("official", "average", "smooth")
+METHODS = ("official", "average")
 
 
 class MagicFusionError(ValueError):

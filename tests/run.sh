@@ -21,9 +21,8 @@ if [ ! -x "$venv/bin/python" ] || ! cmp -s requirements-test.txt "$venv/.require
     cp requirements-test.txt "$venv/.requirements-test.txt"
 fi
 
-# TODO(lint): enabled once the tree is clean
-# echo "== lint"
-# "$venv/bin/python" -m ruff check .
+echo "== lint"
+"$venv/bin/python" -m ruff check .
 
 echo "== unit tests"
 "$venv/bin/python" -m pytest tests/unit "$@"

@@ -24,7 +24,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 import assemble  # noqa: E402
-import textenc  # noqa: E402
 
 PROMPTS = ["", "a photo of a ball on the beach", "a photo of a red ball", "a photo of sks ball in the snow"]
 TIMESTEPS = [1, 261, 501, 981]
@@ -67,10 +66,9 @@ def main(argv=None) -> int:
         assemble.assemble(args.out, args.weights)
     ref = torch.load(args.reference) if args.reference else reference(args.weights)
     sys.path.insert(0, os.path.abspath(args.ldm_repo))
+    from ldm.util import instantiate_from_config
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
-
-    from ldm.util import instantiate_from_config
     x, t = inputs()
     worst = 0.0
     for name, model_name in assemble.CHECKPOINTS.items():

@@ -9,8 +9,6 @@ to load the committed LDM-layout files, so the mapping is checked by a round tri
 
 from __future__ import annotations
 
-import re
-
 import arch
 
 _RESNET_UNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",

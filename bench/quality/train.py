@@ -51,10 +51,9 @@ def stage_clip(work: str, weights: str) -> None:
     word table for textenc.Tokenizer; checks textenc against transformers."""
     sys.path.insert(0, os.path.join(REPO, "tests", "webui"))
     import make_fixtures
+    import textenc
     from safetensors.torch import load_file, save_file
     from transformers import CLIPTextModel, CLIPTokenizer
-
-    import textenc
     clip_dir = os.path.join(work, "clip-tiny")
     make_fixtures.write_text_encoder(clip_dir)
     sd = load_file(os.path.join(clip_dir, "model.safetensors"))
@@ -111,7 +110,8 @@ def stage_vae(work: str, data: dict, mix: bool = False) -> None:
     crops, full = (STEPS["vae_mix"], STEPS["vae_mix_full"]) if mix else (STEPS["vae"], STEPS["vae_full"])
     total = crops + full
     warm = 20 if mix else 100
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / total))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / total))))
 
     def pick(n):
         if not mix:
@@ -150,9 +150,8 @@ def stage_vae(work: str, data: dict, mix: bool = False) -> None:
 
 def import_vae(work: str, weights: str) -> None:
     """work/vae.pt from the committed weights/vae.safetensors (retrain the UNets on the committed VAE)."""
-    from safetensors.torch import load_file
-
     import ldm_convert
+    from safetensors.torch import load_file
     with open(os.path.join(weights, "meta.json")) as f:
         meta = json.load(f)
     vae = ldm_convert.vae_from_ldm(load_file(os.path.join(weights, "vae.safetensors")), meta["scale_factor"])
@@ -199,9 +198,8 @@ class TextEncoder:
     steps); a learnt table lets them follow the prompts in a few hundred steps."""
 
     def __init__(self, base_path: str, words_path: str):
-        from safetensors.torch import load_file
-
         import textenc
+        from safetensors.torch import load_file
         self.textenc = textenc
         self.state = load_file(base_path)
         self.model = textenc.TinyCLIPText(self.state)
@@ -217,7 +215,8 @@ class TextEncoder:
 
     def state_with(self, table: torch.Tensor) -> dict:
         out = dict(self.state)
-        out["text_model.embeddings.token_embedding.weight"] = table.detach().to(self.state["text_model.embeddings.token_embedding.weight"].dtype)
+        key = "text_model.embeddings.token_embedding.weight"
+        out[key] = table.detach().to(self.state[key].dtype)
         return out
 
 
@@ -335,9 +334,8 @@ def stage_dreambooth(work: str, weights: str, data: dict) -> None:
 # --------------------------------------------------------------------------- export
 
 def stage_export(work: str, weights: str) -> None:
-    from safetensors.torch import save_file
-
     import ldm_convert
+    from safetensors.torch import save_file
     vae, vck = load_vae(work)
     L = torch.load(os.path.join(work, "latents.pt"))
     save_file(ldm_convert.half(ldm_convert.vae_to_ldm(vae.state_dict())), os.path.join(weights, "vae.safetensors"),

@@ -133,7 +133,8 @@ def main(argv=None) -> int:
         json.dump(res, f, indent=1)
     if args.save_grid:
         from PIL import Image
-        Image.fromarray(np.concatenate([np.concatenate(list(g) + [np.zeros_like(g[0])] * (8 - len(g)), 1) for g in grid], 0)).save(args.save_grid)
+        rows = [np.concatenate(list(g) + [np.zeros_like(g[0])] * (8 - len(g)), 1) for g in grid]
+        Image.fromarray(np.concatenate(rows, 0)).save(args.save_grid)
     print(f"validate: {res['seconds']} s -> {args.out}")
     return 0
 
