@@ -170,19 +170,27 @@ class WebUIPage:
         self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
         self.page.on("pageerror", lambda e: self.console_errors.append(f"pageerror: {e}"))
         # Gradio events in flight: queued ones ride a websocket each, the others an HTTP POST.
-        self.in_flight = 0
+        # A set, not a counter: a reload drops the old page's sockets and requests without
+        # always reporting their end, so open() forgets them (a counter would stay above zero).
+        self.in_flight: set = set()
         self.page.on("websocket", self._track_websocket)
-        self.page.on("request", lambda r: self._count_post(r, +1))
-        self.page.on("requestfinished", lambda r: self._count_post(r, -1))
-        self.page.on("requestfailed", lambda r: self._count_post(r, -1))
+        self.page.on("request", lambda r: self._track_post(r, True))
+        self.page.on("requestfinished", lambda r: self._track_post(r, False))
+        self.page.on("requestfailed", lambda r: self._track_post(r, False))
 
     def _track_websocket(self, ws) -> None:
-        self.in_flight += 1
-        ws.on("close", lambda _ws: setattr(self, "in_flight", self.in_flight - 1))
+        if "/queue/join" not in ws.url:
+            return
+        self.in_flight.add(ws)
+        ws.on("close", lambda _ws: self.in_flight.discard(ws))
+        ws.on("socketerror", lambda _err: self.in_flight.discard(ws))
 
-    def _count_post(self, request, delta: int) -> None:
+    def _track_post(self, request, started: bool) -> None:
         if request.method == "POST" and ("/run/" in request.url or "/api/predict" in request.url):
-            self.in_flight += delta
+            if started:
+                self.in_flight.add(request)
+            else:
+                self.in_flight.discard(request)
 
     def settle(self, quiet_ms: int = 300, timeout_ms: int = 30_000) -> None:
         """Wait until no Gradio event has been in flight for `quiet_ms`: an event still running
@@ -190,10 +198,11 @@ class WebUIPage:
         waited = quiet = 0
         while quiet < quiet_ms:
             if waited > timeout_ms:
-                raise AssertionError(f"Gradio events still in flight after {timeout_ms} ms")
+                urls = sorted(getattr(x, "url", "?") for x in self.in_flight)
+                raise AssertionError(f"Gradio events still in flight after {timeout_ms} ms: {urls}")
             self.page.wait_for_timeout(50)
             waited += 50
-            quiet = quiet + 50 if self.in_flight <= 0 else 0
+            quiet = quiet + 50 if not self.in_flight else 0
 
     def _route(self, route):
         url = route.request.url
@@ -208,6 +217,7 @@ class WebUIPage:
     # ---- navigation
     def open(self) -> WebUIPage:
         """(Re)load the page and wait until A1111's onUiLoaded hooks ran (accordions set up)."""
+        self.in_flight.clear()  # what the old page had running ends with it
         self.page.goto(self.url, wait_until="domcontentloaded", timeout=120_000)
         for tab in TABS:
             self.page.wait_for_selector(f"#magicfusion_{tab}_enabled-visible-checkbox", state="attached", timeout=120_000)
