@@ -6,6 +6,8 @@ median of those ratios is compared with the goal.
 
     .venv/bin/python bench/webui_cost_bench.py --suite lora,units      # A1111, full SD1.5 UNets (bench fixtures)
     .venv/bin/python bench/webui_cost_bench.py --host forge --suite windows
+    .venv/bin/python bench/webui_cost_bench.py --host forge --suite windows --cases "main checkpoint"
+                     # re-measure the cases whose name contains that text; the others stay as they were
 
 Suites:
   lora     main checkpoint + a LoRA expert at w = 1 vs a plain generation with that LoRA in the
@@ -23,6 +25,7 @@ Writes bench/results/webui_cost_<host>.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -126,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--cases", default="", help="only the cases whose name contains this text; the result file keeps the others")
     args = ap.parse_args(argv)
 
     webui_dir, python = S.find_install(args.host)
@@ -138,6 +142,12 @@ def main(argv=None) -> int:
         server = S.WebUIServer(webui_dir, python, testbed=False)
     result = {"machine": C.machine(), "host": args.host, "size": args.size, "steps": args.steps, "rounds": args.rounds,
               "sampler": "Euler", "cases": []}
+    kept = []
+    if args.cases:
+        with open(os.path.join(C.RESULTS, f"webui_cost_{args.host}.json")) as f:
+            earlier = json.load(f)
+        kept = [dict(c, measured=c.get("measured", earlier["when"])) for c in earlier["cases"] if args.cases not in c["name"]]
+        result["cases"] = list(kept)
     try:
         server.start()
         client = S.WebUIClient(server, timeout=3600)
@@ -151,6 +161,8 @@ def main(argv=None) -> int:
         run.gen({"prompt": PROMPT})  # the main model's load
         for suite in args.suite.split(","):
             for case in cases(suite, args.host):
+                if args.cases and args.cases not in case["name"]:
+                    continue
                 result["cases"].append(measure(run, case, args.rounds))
                 C.write_result(f"webui_cost_{args.host}", result)
     finally:

@@ -193,9 +193,10 @@ def _uses_forge(item) -> bool:
         callspec and callspec.params.get("host_webui") == "forge")
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     """Stop Forge right after the last test that uses it (it holds 7 to 13 GB), not at the end
-    of the session."""
+    of the session; after pytest's own teardown, so that the test's fixtures still reach it."""
     if "forge" not in _servers:
         return
     if not _last_forge_item:  # the final order is known now

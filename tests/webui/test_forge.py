@@ -8,7 +8,9 @@ Forge runs full-size SD1.5 checkpoints with random weights on the CPU (about 3 s
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -79,8 +81,53 @@ def test_a_separate_expert_and_a_main_checkpoint_unit(forge):
     units = [{"checkpoint": EXPERT}, {"checkpoint": MAIN, "prompt": "a watercolor lion"}]
     resp = forge.txt2img(**{**body(forge), "alwayson_scripts": {"MagicFusion": {"args": [{"enabled": True, "units": units}]}}})
     calls = report(forge)["passes"][0]["model_calls"]
-    assert calls == {"general": 3, "expert 1": 3, "expert 2": 3}, calls
+    assert calls == {"general": 3, "expert 1": 3}, calls  # unit 2 rode in the main model's calls
     assert forge.differs(forge.pixels(resp), forge.pixels(gen(forge, fused={})), threshold=0.5)
+
+
+def _copy_with_other_hash(src: str, dst: str) -> None:
+    """The same tensors with one more metadata entry: a file of another hash (the WebUI maps a
+    hash to one file, so an identical copy would stand in for the main checkpoint)."""
+    with open(src, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header.setdefault("__metadata__", {})["magicfusion_test_copy"] = "1"
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(dst, "wb") as out:
+            out.write(len(raw).to_bytes(8, "little") + raw)
+            shutil.copyfileobj(f, out, 16 << 20)
+
+
+@pytest.fixture()
+def main_copy(forge):
+    """The main checkpoint under a second name: the same weights, loaded as a separate expert."""
+    folder = os.path.join(forge.fixtures_dir, "checkpoints")
+    copy = os.path.join(folder, f"{MAIN}-copy.safetensors")
+    _copy_with_other_hash(os.path.join(folder, f"{MAIN}.safetensors"), copy)
+    assert forge.post("/sdapi/v1/refresh-checkpoints", {}).status_code == 200
+    try:
+        yield f"{MAIN}-copy"
+    finally:
+        forge.mf_unload()
+        os.remove(copy)
+        forge.post("/sdapi/v1/refresh-checkpoints", {})
+
+
+@pytest.mark.parametrize("expert_prompt", ["a watercolor lion", "a watercolor lion AND a red ball :0.6"])
+def test_a_main_checkpoint_unit_rides_in_the_main_call_and_equals_a_separate_copy(forge, main_copy, expert_prompt):
+    """A unit on the main checkpoint with another prompt and the main negative prompt adds its
+    cond rows to the main model's own call (one UNet call a step, as on A1111); its prediction
+    is the one the same weights give in a call of their own (a copy of the checkpoint under
+    another name is a separate expert), up to the rounding of a larger batch."""
+    fused = {"expert_checkpoint": MAIN, "expert_prompt": expert_prompt, "k_expert": 2.0}
+    ridden = forge.pixels(gen(forge, fused=fused))
+    assert report(forge)["passes"][0]["model_calls"] == {"general": 3}
+    separate = forge.pixels(gen(forge, fused={**fused, "expert_checkpoint": main_copy}))
+    assert report(forge)["passes"][0]["model_calls"] == {"general": 3, "expert 1": 3}
+    diff = np.abs(ridden.astype(int) - separate.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+    assert forge.differs(ridden, forge.pixels(gen(forge)), threshold=0.5)
 
 
 @pytest.fixture(scope="module")

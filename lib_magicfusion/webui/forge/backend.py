@@ -32,3 +32,16 @@ def compile_conditions(cond):
 def compile_weighted_conditions(cond, conds_list):
     from backend.sampling.condition import compile_weighted_conditions as compile_
     return compile_(cond, conds_list)
+
+
+def area_and_mult(cond, x, sigma):
+    """One compiled cond entry prepared for a batch as Forge prepares it (None: outside its timesteps)."""
+    from backend.sampling.sampling_function import get_area_and_mult
+    return get_area_and_mult(cond, x, sigma)
+
+
+def cond_marks(cond_or_uncond, sigma):
+    """The transformer options that tell attention patches which rows are cond and which uncond."""
+    from backend.sampling.sampling_function import compute_cond_indices, compute_cond_mark
+    marks = compute_cond_mark(cond_or_uncond=cond_or_uncond, sigmas=sigma)
+    return marks, *compute_cond_indices(cond_or_uncond=cond_or_uncond, sigmas=sigma)

@@ -25,8 +25,11 @@ class ForgeGeneration(Generation):
 
     def load(self, unit: Unit):
         # Per checkpoint file, one engine per network set, in order of first use; the main file's
-        # slot 0 is the main model itself, with the main prompt's networks (key None).
+        # slot 0 is the main model itself, with the main prompt's networks (key None): a unit
+        # whose prompt names the same networks as the main prompt (none, most often) is that one.
         key = None if unit.nets is None else unit.nets.key
+        if unit.is_main and key == networks.of_prompt(self.p.prompt).key:
+            key = None
         keys = self._slots.setdefault(unit.info.filename, [None] if unit.is_main else [])
         if key not in keys:
             keys.append(key)

@@ -35,6 +35,20 @@ def of_main_prompt(p) -> NetworkSet:
     return resolve(tags, "prompt") if tags else NetworkSet()
 
 
+def of_prompt(prompt) -> NetworkSet:
+    """The networks a prompt names (the first of a list), as the WebUI will activate them; a
+    network it cannot find counts as one, so that prompt matches no unit's set."""
+    from modules import extra_networks
+
+    from ...params import MagicFusionError
+    _, tags = extra_networks.parse_prompt(prompt[0] if isinstance(prompt, list) and prompt else str(prompt or ""))
+    tags = {t: v for t, v in tags.items() if t in network_tags.NETWORK_TYPES and v}
+    try:
+        return resolve(tags, "prompt") if tags else NetworkSet()
+    except MagicFusionError:
+        return NetworkSet((("?", None, None, None),))
+
+
 def patched(engine, nets: NetworkSet):
     """The engine's original objects with `nets` patched on (clones; nothing of the engine changes)."""
     objects = engine.forge_objects_original.shallow_copy()

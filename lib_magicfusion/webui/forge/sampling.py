@@ -8,10 +8,12 @@ gets three things, and replaces `p.sd_model.forge_objects.unet`:
                             model runs alone; it raises a recorded failure, so a fusion that
                             cannot happen fails the generation;
   a model-function wrapper  skips the main UNet where the plan does not use it (a unit runs
-                            alone outside the window), passing through everything else;
-  a post-CFG function       evaluates each planned unit on the same x and sigma with Forge's own
-                            `calc_cond_uncond_batch` (its engine, or the main model for a unit on
-                            the main checkpoint), and returns the fused x0.
+                            alone outside the window), and lets the cond rows of the units on the
+                            main checkpoint that share its uncond ride in the main model's call
+                            (one UNet call, as on A1111), passing through everything else;
+  a post-CFG function       evaluates every other planned unit on the same x and sigma with
+                            Forge's own `calc_cond_uncond_batch` (its engine, or the main model),
+                            and returns the fused x0.
 
 Forge works in sigma space for every sampler (DDIM included) and hands x0 predictions; the
 fusion step measures saliency in epsilon space from them. AND-parts arrive as Forge's weighted
@@ -47,7 +49,10 @@ class Call:
     cond_scale: float = 1.0
     skip_uncond: bool = False
     main_ran: bool = False
-    units: dict = field(default_factory=dict)
+    x: Any = None                                 # the call's latent and sigma, as the modifier saw them
+    sigma: Any = None
+    riders: dict = field(default_factory=dict)    # unit index -> compiled conds to ride in the main call
+    ridden: dict = field(default_factory=dict)    # unit index -> its cond x0, from the main call
 
     @property
     def alone(self) -> bool:
@@ -114,6 +119,14 @@ def _modifier(gen: Generation):
             gen.record.skipped_calls += int(call.skip_uncond)
             if call.plan.fuse:
                 gen.record.fused_steps.add(call.step)
+            call.x, call.sigma = x, timestep
+            if not call.alone and not call.skip_uncond:
+                for m in call.plan.models:
+                    unit = gen.units[m - 1] if m != GENERAL else None
+                    if unit is not None and unit.expert.is_main and unit.conds.main_negative:
+                        unit_cond = _unit_cond(unit, call.denoiser.step)
+                        if not _same_conds(unit_cond, cond):
+                            call.riders[m] = unit_cond
         except Exception as e:
             gen.fail(e)
             gen.raise_if_failed()
@@ -122,17 +135,85 @@ def _modifier(gen: Generation):
 
 
 def _wrapper(gen: Generation, previous):
-    def wrapper(apply_model, args):
-        call = gen.call
-        if call is not None and call.alone and not gen.in_unit:
-            return torch.zeros_like(args["input"])  # the plan does not use the main model at this step
-        if call is not None and not gen.in_unit and not call.main_ran:
-            call.main_ran = True
-            gen.record.count(GENERAL)
+    def run(apply_model, args):
         if previous is not None:
             return previous(apply_model, args)
         return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def wrapper(apply_model, args):
+        call = gen.call
+        if call is None or gen.in_unit:
+            return run(apply_model, args)
+        if call.alone:
+            return torch.zeros_like(args["input"])  # the plan does not use the main model at this step
+        if not call.main_ran:
+            call.main_ran = True
+            gen.record.count(GENERAL)
+        ride = _ride(call, args) if call.riders else None
+        call.riders = {}  # the first chunk of the main call carries them (or nobody does)
+        if ride is None:
+            return run(apply_model, args)
+        extended, rows, entries = ride
+        out = run(apply_model, extended)
+        _collect(call, out[rows:], entries)
+        return out[:rows]
     return wrapper
+
+
+def _unit_cond(unit, step: int):
+    conds_list, tensor = prompt_parser.reconstruct_multicond_batch(unit.conds.c, step)
+    return backend.compile_weighted_conditions(tensor, conds_list)
+
+
+def _ride(call: Call, args):
+    """The main call's arguments with the riders' cond rows appended, as Forge's own batching
+    would append another cond (its Condition classes concatenate; cross-attention of another
+    length repeats to the common multiple). None where they cannot ride: another area, a
+    ControlNet's hint computed for the main rows only, conditionings that do not concatenate."""
+    x, sigma, c = call.x, call.sigma, args["c"]
+    batch, rows = x.shape[0], args["input"].shape[0]
+    if "control" in c or rows % batch or args["input"].shape[1:] != x.shape[1:]:
+        return None
+    entries = []
+    for m, conds in call.riders.items():
+        for entry in conds:
+            prepared = backend.area_and_mult(entry, x, sigma)
+            if prepared is not None:
+                if prepared.input_x.shape != x.shape or prepared.conditioning.keys() != c.keys() - {"transformer_options"}:
+                    return None
+                entries.append((m, prepared))
+    if not entries:
+        return None
+    new_c = {}
+    for key, value in c.items():
+        if key == "transformer_options":
+            continue
+        parts = [p.conditioning[key] for _, p in entries]
+        kind = type(parts[0])
+        head = kind(value[:batch] if isinstance(value, torch.Tensor) else value)
+        if not all(type(part) is kind and head.can_concat(part) for part in parts):
+            return None
+        new_c[key] = kind(value).concat(parts)
+    options = dict(c.get("transformer_options", {}))
+    if "cond_or_uncond" in options:
+        order = list(options["cond_or_uncond"]) + [0] * len(entries)
+        options["cond_or_uncond"] = order
+        options["cond_mark"], options["cond_indices"], options["uncond_indices"] = backend.cond_marks(order, sigma)
+    new_c["transformer_options"] = options
+    extended = dict(args, input=torch.cat([args["input"]] + [p.input_x for _, p in entries]),
+                    timestep=torch.cat([args["timestep"]] + [sigma] * len(entries)), c=new_c,
+                    cond_or_uncond=list(args.get("cond_or_uncond", [])) + [0] * len(entries))
+    return extended, rows, entries
+
+
+def _collect(call: Call, out, entries) -> None:
+    """Each rider's cond x0 from its rows, summed over its AND-parts with Forge's own weighting."""
+    sums: dict = {}
+    for (m, prepared), chunk in zip(entries, out.chunk(len(entries))):
+        total, count = sums.get(m, (torch.zeros_like(call.x), torch.ones_like(call.x) * 1e-37))
+        sums[m] = (total + chunk * prepared.mult, count + prepared.mult)
+    for m, (total, count) in sums.items():
+        call.ridden[m] = total / count
 
 
 def _unit_options(model_options: dict, previous) -> dict:
@@ -180,24 +261,26 @@ def _fuse(gen: Generation, call: Call, args, previous):
             continue
         unit = gen.units[m - 1]
         expert = unit.expert
-        conds_list, tensor = prompt_parser.reconstruct_multicond_batch(unit.conds.c, denoiser.step)
-        e_uncond = prompt_parser.reconstruct_cond_batch(unit.conds.uc, denoiser.step)
-        cond = backend.compile_weighted_conditions(tensor, conds_list)
+        cond = _unit_cond(unit, denoiser.step)
         shares = expert.is_main and main_uncond is not None and unit.conds.main_negative
         if shares and not call.alone and _same_conds(cond, args["cond"]):
             preds[m] = preds[GENERAL]  # one model, the same prompts: its predictions are the main model's
             continue
-        uncond = None if skip or shares else backend.compile_conditions(e_uncond)
-        if expert.is_main:
-            kmodel, options = args["model"], _unit_options(args["model_options"], previous)
+        if shares and m in call.ridden:
+            c_pred, u_pred = call.ridden[m], main_uncond  # its cond rows rode in the main call
         else:
-            kmodel, options = expert.objects.unet.model, expert.objects.unet.model_options
-        gen.in_unit = True
-        try:
-            c_pred, u_pred = backend.calc_cond_uncond_batch(kmodel, cond, uncond, x, sigma, options)
-        finally:
-            gen.in_unit = False
-        gen.record.count(m)
+            uncond = None if skip or shares else backend.compile_conditions(
+                prompt_parser.reconstruct_cond_batch(unit.conds.uc, denoiser.step))
+            if expert.is_main:
+                kmodel, options = args["model"], _unit_options(args["model_options"], previous)
+            else:
+                kmodel, options = expert.objects.unet.model, expert.objects.unet.model_options
+            gen.in_unit = True
+            try:
+                c_pred, u_pred = backend.calc_cond_uncond_batch(kmodel, cond, uncond, x, sigma, options)
+            finally:
+                gen.in_unit = False
+            gen.record.count(m)  # a call of its own (a ridden unit counts as the main model's)
         if not bool(torch.isfinite(torch.stack([c_pred.sum(dtype=torch.float32), u_pred.sum(dtype=torch.float32)])).all()):
             raise MagicFusionError("the expert produced NaN or infinite values (a corrupt or incompatible checkpoint?)",
                                    unit.field("checkpoint"), status_code=500)
