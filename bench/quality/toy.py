@@ -129,14 +129,14 @@ def euler_ancestral(unet, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Ten
     for i in range(steps):
         t = int(t_grid[i].round())
         s, s_next = sig[i], sig[i + 1]
-        xin = (x / (s * s + 1).sqrt()).float().to(cond.device)
+        xin = (x / (s * s + 1).sqrt()).float().to(uncond.device)
         e = (eps_fn(xin, t, i) if eps_fn else guided_eps(unet, xin, t, cond, uncond, cfg)).double().cpu()
         s_up = min(float(s_next), float((s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2).sqrt()))
         s_down = (s_next ** 2 - s_up ** 2).sqrt()
         x = x + e * (s_down - s)
         if s_next > 0:
             x = x + torch.randn(x.shape, generator=g, dtype=torch.float64) * s_up
-    return x.float().to(cond.device)
+    return x.float().to(uncond.device)
 
 
 def generate(models: Toy, name: str, prompts: list[str], seeds, steps: int = 25, cfg: float = 7.0,

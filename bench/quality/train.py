@@ -30,12 +30,13 @@ import arch  # noqa: E402
 import make_data  # noqa: E402
 import world as W  # noqa: E402
 
-STAGES = ("clip", "vae", "vae_mix", "latents", "unets", "dreambooth", "export")
+STAGES = ("clip", "vae", "vae_mix", "latents", "unets", "general_more", "dreambooth", "export")
 SEED = 1234
-STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "unets": 3000, "dreambooth": 300}
+STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "unets": 3000, "general_more": 3000, "dreambooth": 600}
 BATCH = 48
 DROPOUT = 0.1  # prompt dropout (-> "" ) for classifier-free guidance
 LOG_EVERY = 50
+OFFSET_NOISE = 0.0  # (--offset-noise) std of a per-image, per-channel constant added to the training noise
 
 T0 = time.monotonic()
 
@@ -159,6 +160,30 @@ def import_vae(work: str, weights: str) -> None:
     log("vae: imported from the committed weights")
 
 
+def import_unets(work: str, weights: str) -> None:
+    """work/unet_{general,fine}.pt, te_table.pt and clip_base.safetensors from the committed weights,
+    so that the later stages (general_more, dreambooth, export) continue the committed run. The
+    committed text encoder differs from the random start only in its token table, which every
+    stage replaces with te_table.pt."""
+    import shutil
+
+    import ldm_convert
+    from safetensors.torch import load_file
+    with open(os.path.join(weights, "meta.json")) as f:
+        meta = json.load(f)
+    for which in ("general", "fine"):
+        unet = ldm_convert.unet_from_ldm(load_file(os.path.join(weights, f"unet-{which}.safetensors")), meta["scale_factor"])
+        m = meta["unets"][which]
+        torch.save({"state": {k: v.float() for k, v in unet.state_dict().items()}, "final_loss": m["final_loss"],
+                    "steps": m["steps"], "seconds": m["train_seconds"], "curve": m["loss_curve"]},
+                   os.path.join(work, f"unet_{which}.pt"))
+    clip = os.path.join(weights, "clip.safetensors")
+    shutil.copyfile(clip, os.path.join(work, "clip_base.safetensors"))
+    table = load_file(clip)["text_model.embeddings.token_embedding.weight"].float()
+    torch.save({"table": table}, os.path.join(work, "te_table.pt"))
+    log("unets: general, fine and the token table imported from the committed weights")
+
+
 def load_vae(work: str):
     from diffusers import AutoencoderKL
     vae = AutoencoderKL(**arch.diffusers_vae_config())
@@ -261,6 +286,8 @@ def train_unets(models: dict, te: TextEncoder, steps: int, lr: float, seed: int,
             tok[drop] = un_ids
             t = torch.randint(0, arch.TIMESTEPS, (len(tok),), generator=g)
             noise = torch.randn(x0.shape, generator=g)
+            if OFFSET_NOISE:
+                noise = noise + OFFSET_NOISE * torch.randn((*x0.shape[:2], 1, 1), generator=g)
             a = ac[t].view(-1, 1, 1, 1)
             loss = (unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=te(tok)).sample - noise).pow(2).mean()
             total = total + loss
@@ -280,6 +307,12 @@ def train_unets(models: dict, te: TextEncoder, steps: int, lr: float, seed: int,
             log(f"step {step + 1}/{steps}: " + ", ".join(f"{n} {np.mean(r[-LOG_EVERY:]):.4f}" for n, r in runs.items())
                 + f" lr {sched.get_last_lr()[0]:.2e}")
     return emas, table_ema, runs
+
+
+def _general_path(work: str) -> str:
+    """The general UNet: the continued one when that stage ran."""
+    more = os.path.join(work, "unet_general_more.pt")
+    return more if os.path.exists(more) else os.path.join(work, "unet_general.pt")
 
 
 def _save(work: str, name: str, unet, run: list, seconds: float) -> None:
@@ -308,6 +341,26 @@ def stage_unets(work: str, weights: str, data: dict) -> None:
     torch.save({"table": table}, os.path.join(work, "te_table.pt"))
 
 
+def stage_general_more(work: str, weights: str, data: dict) -> None:
+    """The general UNet alone, continued from the joint stage: its scenes are the harder task
+    (four textured backgrounds against the expert's one plain one) and were still mixtures
+    after the joint steps. The token table stays frozen, so the fine expert's words keep the
+    embeddings it learnt."""
+    L = torch.load(os.path.join(work, "latents.pt"))
+    lat_all = L["latents"] * L["scale_factor"]
+    te = TextEncoder(os.path.join(work, "clip_base.safetensors"), os.path.join(weights, "clip-words.json"))
+    te.table.data.copy_(torch.load(os.path.join(work, "te_table.pt"))["table"])
+    ids_all = te.ids(data["prompt"].tolist())
+    sel = torch.from_numpy(np.nonzero(data["set"] == "general")[0])
+    ck = torch.load(os.path.join(work, "unet_general.pt"))
+    unet = new_unet()
+    unet.load_state_dict(ck["state"])
+    t0 = time.monotonic()
+    emas, _, runs = train_unets({"general": (unet, lat_all[sel], ids_all[sel], None)}, te, STEPS["general_more"], 3e-4,
+                                SEED + 20, 0.999, trainable_rows=torch.zeros(0, dtype=torch.long), batch=32)
+    _save(work, "general_more", emas["general"], runs["general"], time.monotonic() - t0)
+
+
 def stage_dreambooth(work: str, weights: str, data: dict) -> None:
     """The general model fine-tuned on the sks images (all in the forest), with prior
     preservation ("a photo of a ball" class images); only the table rows of "sks" learn."""
@@ -318,7 +371,7 @@ def stage_dreambooth(work: str, weights: str, data: dict) -> None:
     ids_all = te.ids(data["prompt"].tolist())
     sets = data["set"]
     unet = new_unet()
-    unet.load_state_dict(torch.load(os.path.join(work, "unet_general.pt"))["state"])
+    unet.load_state_dict(torch.load(_general_path(work))["state"])
     inst = torch.from_numpy(np.nonzero(sets == "sks")[0])
     cls = torch.from_numpy(np.nonzero((sets == "general") & (data["prompt"] == W.CLASS_PROMPT))[0])
     log(f"dreambooth: {len(inst)} instance images, {len(cls)} class images")
@@ -343,7 +396,7 @@ def stage_export(work: str, weights: str) -> None:
     meta = {"scale_factor": L["scale_factor"], "vae_recon_mean_abs_err_255": round(L["recon_err"], 3),
             "vae_final_l1_mse_kl": [round(v, 5) for v in vck["final"]], "unets": {}}
     for which in ("general", "fine", "dreambooth"):
-        ck = torch.load(os.path.join(work, f"unet_{which}.pt"))
+        ck = torch.load(_general_path(work) if which == "general" else os.path.join(work, f"unet_{which}.pt"))
         save_file(ldm_convert.half(ldm_convert.unet_to_ldm(ck["state"])), os.path.join(weights, f"unet-{which}.safetensors"),
                   metadata={"format": "pt"})
         meta["unets"][which] = {"final_loss": round(ck["final_loss"], 5), "steps": ck["steps"],
@@ -369,7 +422,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", default="", help="override steps, e.g. general=2000,fine=1000 (keys: " + ",".join(STEPS) + ")")
     ap.add_argument("--vae-from-weights", action="store_true",
                     help="skip the VAE stages: start from the committed weights/vae.safetensors")
+    ap.add_argument("--unets-from-weights", action="store_true",
+                    help="also skip the joint UNet stage: continue from the committed general and fine UNets and token "
+                         "table (implies --vae-from-weights)")
+    ap.add_argument("--offset-noise", type=float, default=0.0,
+                    help="add a per-channel constant of this std to the training noise of the UNet stages")
     args = ap.parse_args(argv)
+    global OFFSET_NOISE
+    OFFSET_NOISE = args.offset_noise
+    args.vae_from_weights = args.vae_from_weights or args.unets_from_weights
     for kv in filter(None, args.steps.split(",")):
         k, v = kv.split("=")
         if k not in STEPS:
@@ -389,6 +450,7 @@ def main(argv=None) -> int:
         "clip": os.path.join(args.weights, "clip-words.json"), "vae": os.path.join(args.work, "vae_base.pt"),
         "vae_mix": os.path.join(args.work, "vae.pt"),
         "latents": os.path.join(args.work, "latents.pt"), "unets": os.path.join(args.work, "unet_fine.pt"),
+        "general_more": os.path.join(args.work, "unet_general_more.pt"),
         "dreambooth": os.path.join(args.work, "unet_dreambooth.pt"),
         "export": None,
     }
@@ -397,6 +459,10 @@ def main(argv=None) -> int:
         if not os.path.exists(done["vae_mix"]) or "vae_mix" in force:
             import_vae(args.work, args.weights)
         only = (only or set(STAGES)) - {"vae", "vae_mix"}
+    if args.unets_from_weights:
+        if not os.path.exists(done["unets"]) or "unets" in force:
+            import_unets(args.work, args.weights)
+        only -= {"clip", "unets"}
     for stage in STAGES:
         if only and stage not in only:
             continue
@@ -416,6 +482,8 @@ def main(argv=None) -> int:
             stage_export(args.work, args.weights)
         elif stage == "unets":
             stage_unets(args.work, args.weights, data)
+        elif stage == "general_more":
+            stage_general_more(args.work, args.weights, data)
         else:
             stage_dreambooth(args.work, args.weights, data)
         log(f"{stage}: {time.monotonic() - t0:.0f} s")
