@@ -11,7 +11,7 @@ DreamBooth subject) are right. Two ways to run the very same methods:
 Methods: the general model alone and the expert alone (each with the one prompt that asks for
 both), the 0.5/0.5 average of the two guided predictions, the official SNB (the paper's code:
 k 1/1, blur 4, the general model's uncond as the saliency reference, fusion at every step), and
-the new methods (METHODS below). Results go to bench/results/quality_<mode>.json (per task, per
+the stable method with its defaults (METHODS below). Results go to bench/results/quality_<mode>.json (per task, per
 method, per sampler), picture grids with the mask strips to bench/results/quality/.
 
 Tasks: "fine" (a general model that knows 4 scenes and a grey ball, an expert that knows 5
@@ -59,6 +59,7 @@ METHODS = [
     Method("expert alone", single="expert"),
     Method("average", fields={"method": "average"}),
     Method("official", fields=OFFICIAL),
+    Method("stable", fields={"method": "stable"}),
 ]
 
 
@@ -247,7 +248,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", default="ddim,euler_a")
     ap.add_argument("--methods", default="", help="comma-separated method names (default: all)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the harness (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(",")]
     client = None
     if args.mode == "webui":

@@ -25,10 +25,6 @@ import torch
 from . import snb
 from .params import METHODS
 
-# Research paths the quality bench drives by setting the knobs below on the step itself; not a
-# user-facing method (FusionParams.method) until one wins on the benchmark.
-RESEARCH_METHODS = ("smooth",)
-
 Space = Literal["x0", "eps"]
 Kind = Literal["x0", "eps", "v"]
 CondsList = Sequence[Sequence[tuple[int, float]]]
@@ -182,6 +178,11 @@ class SNBFusion:
     against the general model's uncond (the official code), "own" against its own (the
     paper). Fusion runs at sampling steps start*N <= i < end*N; outside the window only
     model `outside` (0 = general, 1 = expert) is evaluated and used.
+
+    method: "official" (the paper's code), "average" (the mean of the guided predictions) or
+    "stable": every model's guidance measured against its own uncond (whatever `baseline`
+    says) and the saliency maps averaged over the sampling steps with decay `memory`, so a
+    pixel keeps the model it chose unless the evidence turns for several steps.
     """
 
     ks: tuple[float, ...]
@@ -192,13 +193,12 @@ class SNBFusion:
     outside: int = 0
     record_masks: bool = False
     method: str = "official"
-    temporal: float = 0.0          # (not official) EMA decay of the saliency maps over the steps
-    softness: float = 0.0          # (not official) 0 = hard argmax; > 0: weights ~ P ** (1 / softness)
-    shared_uncond: bool = False    # (not official) every model's guidance added to the general model's uncond
+    memory: float = 0.9            # "stable": the decay per step of the saliency maps' moving average
     last_mask: torch.Tensor | None = field(default=None, init=False)
     masks: dict = field(default_factory=dict, init=False)
     _ema: torch.Tensor | None = field(default=None, init=False, repr=False)
-    _weights: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _ema_prev: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _ema_step: int | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_params(cls, params) -> SNBFusion:
@@ -208,12 +208,14 @@ class SNBFusion:
         outside = 0 if params.outside_unit is None else 1 + active.index(params.outside_unit)
         return cls(ks=(params.k_general, *(params.units[i].k for i in active)), blur=params.blur,
                    baseline=params.saliency_baseline, start=params.fusion_start, end=params.fusion_end,
-                   outside=outside, record_masks=params.show_mask, method=params.method)
+                   outside=outside, record_masks=params.show_mask, method=params.method, memory=params.mask_memory)
 
     def __post_init__(self) -> None:
         self.ks = tuple(float(k) for k in self.ks)
-        if self.method not in METHODS + RESEARCH_METHODS:
+        if self.method not in METHODS:
             raise ValueError(f"MagicFusion: unknown fusion method {self.method!r}")
+        if not 0.0 <= self.memory < 1.0:
+            raise ValueError(f"MagicFusion: mask memory must be in [0, 1), got {self.memory!r}")
         if len(self.ks) < 2:
             raise ValueError("MagicFusion: fusion needs at least two models")
         if self.baseline not in ("general", "own"):
@@ -230,7 +232,8 @@ class SNBFusion:
         self.last_mask = None
         self.masks = {}
         self._ema = None
-        self._weights = None
+        self._ema_prev = None
+        self._ema_step = None
 
     def in_window(self, step: int, total: int) -> bool:
         lo, hi = window_bounds(self.start, self.end, total)
@@ -261,7 +264,7 @@ class SNBFusion:
         """
         general = preds[0]
         dtype = snb.compute_dtype(general.cond.dtype)
-        own = self.baseline == "own"
+        own = self.baseline == "own" or self.method == "stable"
         weights = [p.uniform_weight for p in preds]
         if None not in weights:
             reference = torch.stack([p.uncond for p in preds]) if own else general.uncond
@@ -294,11 +297,12 @@ class SNBFusion:
         outputs = [guided(p).to(dtype) for p in preds]
         if self.method == "average":
             return FusionResult(torch.stack(outputs).mean(dim=0), None)
-        if self.method != "official":
-            return self._combine_smooth(preds, outputs, space, sigma, step, region)
         if all(p.uncond is not None for p in preds):
             deltas, temperatures = self._saliency_inputs(preds, space, sigma)
-            mask = torch.argmax(snb.stacked_saliency(deltas, temperatures, self.blur, region), dim=0)
+            maps = snb.stacked_saliency(deltas, temperatures, self.blur, region)
+            if self.method == "stable":
+                maps = self._remember(maps, step)
+            mask = torch.argmax(maps, dim=0)
             self.last_mask = mask
             if self.record_masks and step is not None:
                 self.masks[step] = mask.to("cpu", torch.uint8)
@@ -306,30 +310,18 @@ class SNBFusion:
             mask = self.last_mask
         return FusionResult(snb.blend(outputs, mask), mask)
 
-    def _combine_smooth(self, preds, outputs, space, sigma, step, region) -> FusionResult:
-        """Research path: saliency smoothed over the steps, soft weights, shared uncond."""
-        dtype = outputs[0].dtype
-        if all(p.uncond is not None for p in preds):
-            deltas, temperatures = self._saliency_inputs(preds, space, sigma)
-            maps = snb.stacked_saliency(deltas, temperatures, self.blur, region)  # (N, B, 1, H, W)
-            if self.temporal > 0 and self._ema is not None and self._ema.shape == maps.shape:
-                maps = self.temporal * self._ema + (1 - self.temporal) * maps
-            self._ema = maps
-            if self.softness > 0:
-                logits = torch.log(maps.clamp_min(torch.finfo(maps.dtype).tiny)) / self.softness
-                weights = torch.softmax(logits, dim=0)
-            else:
-                weights = torch.nn.functional.one_hot(torch.argmax(maps, dim=0), self.n_models).movedim(-1, 0).to(maps.dtype)
-            self._weights = weights
-            mask = torch.argmax(weights, dim=0)
-            self.last_mask = mask
-            if self.record_masks and step is not None:
-                self.masks[step] = mask.to("cpu", torch.uint8)
-        else:
-            weights, mask = self._weights, self.last_mask
-        weights = weights.to(dtype)
-        if self.shared_uncond:
-            base = preds[0].reference_uncond().to(dtype)
-            terms = torch.stack([o - p.reference_uncond().to(dtype) for o, p in zip(outputs, preds)])
-            return FusionResult(base + (weights * terms).sum(dim=0), mask)
-        return FusionResult((weights * torch.stack(outputs)).sum(dim=0), mask)
+    def _remember(self, maps: torch.Tensor, step: int | None) -> torch.Tensor:
+        """The saliency maps averaged over the steps: an exponential moving average with decay
+        `memory` per sampling step. Calls within one step (second-order samplers) blend with
+        the average as it stood before that step, so the decay counts steps, not model calls.
+        A call with another batch layout (a new pass that was not reset) starts afresh."""
+        if self.memory <= 0:
+            return maps
+        if step is None or self._ema_step != step:
+            self._ema_prev = self._ema
+            self._ema_step = step
+        prev = self._ema_prev
+        if prev is not None and prev.shape == maps.shape:
+            maps = self.memory * prev + (1 - self.memory) * maps
+        self._ema = maps
+        return maps

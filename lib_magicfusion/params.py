@@ -32,7 +32,7 @@ UNLOAD_SYMBOL = "\u23cf\ufe0f"  # the eject symbol
 BUTTON_HINTS = {UNLOAD_SYMBOL: "MagicFusion: unload the expert checkpoints now (they are loaded again when needed)"}
 MAX_TEXT = 20_000
 MAX_UNITS = 4
-METHODS = ("official", "average")
+METHODS = ("official", "average", "stable")
 
 
 class MagicFusionError(ValueError):
@@ -100,8 +100,14 @@ GLOBAL_SPECS = (
     _g("show_mask", False, "Show fusion mask", "bool",
        "Add the final fusion mask and a strip of masks over the steps to the gallery (one colour per model)."),
     _g("method", "official", "Fusion method", "choice",
-       "official: the paper's code, a hard per-pixel switch of whole guided predictions.",
+       "official: the paper's code, a hard per-pixel switch of whole guided predictions. stable: each model's guidance "
+       "against its own uncond, and masks that keep their choice over the steps (see Mask memory). average: the mean "
+       "of the guided predictions, a baseline.",
        infotext="MagicFusion method", choices=METHODS, xyz=True),
+    _g("mask_memory", 0.9, "Mask memory", "float",
+       "stable method: how much of the earlier steps' saliency each step's mask keeps (a moving average over the steps; "
+       "0 = each step decides afresh, as the official code does).",
+       infotext="MagicFusion mask memory", lo=0.0, hi=0.99, xyz=True),
 )
 
 # The unit fields: attribute, unit-1 flat name, label, kind, default for unit 1, hint, unit-1 infotext key, range, xyz.
@@ -251,6 +257,7 @@ class FusionParams:
     apply_in_hires: bool = True
     show_mask: bool = False
     method: str = "official"
+    mask_memory: float = 0.9
     units: tuple = field(default_factory=_default_units)
 
     def __post_init__(self) -> None:
@@ -419,14 +426,14 @@ class FusionParams:
 
     def infotext(self) -> dict[str, Any]:
         """Infotext entries for an enabled fusion. Defaults are left out, except each enabled unit's
-        checkpoint (it marks the unit as on) and the method (a later default must not change
-        what an old infotext means)."""
+        checkpoint (it marks the unit as on), the method and the stable method's mask memory (a
+        later default must not change what an old infotext means)."""
         if not self.enabled:
             return {}
         out: dict[str, Any] = {}
         for s in GLOBAL_SPECS:
             value = getattr(self, s.attr)
-            if s.infotext and (value != s.default or s.name == "method"):
+            if s.infotext and (value != s.default or s.name == "method" or (s.name == "mask_memory" and self.method == "stable")):
                 out[s.infotext] = value
         for i in self.active_units:
             for s in _UNIT_SPECS[i]:

@@ -25,6 +25,7 @@ SLIDERS = {  # the UI's ranges by spec attribute; the API accepts the params mod
     "fusion_start": (0.0, 1.0, 0.01),
     "fusion_end": (0.0, 1.0, 0.01),
     "blur": (0, 16, 1),
+    "mask_memory": (0.0, 0.99, 0.01),
 }
 ROWS = (  # the global controls below the unit tabs, row by row
     ("k_general", "fusion_start", "fusion_end"),
@@ -61,6 +62,7 @@ def build(tab: str):
         comps["enabled"] = enabled
         with FormRow():
             comps["method"] = control(by_name["method"])
+            comps["mask_memory"] = control(by_name["mask_memory"])
             unload = ToolButton(value=UNLOAD_SYMBOL, elem_id=eid("unload_expert"))
             unload.click(fn=_unload_experts, inputs=[], outputs=[])
         with gr.Tabs(elem_id=eid("units")):

@@ -221,3 +221,60 @@ def test_combine_refuses_missing_outputs(eps_models):
     with pytest.raises(ValueError, match="sigma"):
         p = Prediction(torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8), [[(0, 1.0)]], 7.0)
         f.combine(StepPlan(True, (0, 1)), [p, p], "x0")
+
+
+# --------------------------------------------------------------------------- the stable method
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_stable_without_memory_is_the_official_switch_against_each_own_uncond(eps_models, sampler):
+    space = space_of(sampler)
+    conds = [Conditioning.simple(10, 11, batch=2), Conditioning.simple(12, 13, batch=2)]
+    own = Host(models_for(space, *eps_models), conds, space=space, fusion=fusion(baseline="own"))
+    stable = Host(models_for(space, *eps_models), conds, space=space, fusion=fusion(method="stable", memory=0.0))
+    assert torch.equal(run(sampler, own, batch=2), run(sampler, stable, batch=2))
+    assert all(torch.equal(a, b) for a, b in zip(own.masks, stable.masks))
+    # the baseline field does not change the stable method: it always measures against its own
+    general = Host(models_for(space, *eps_models), conds, space=space,
+                   fusion=fusion(method="stable", memory=0.0, baseline="general"))
+    assert torch.equal(run(sampler, general, batch=2), run(sampler, own, batch=2))
+
+
+def test_stable_memory_counts_steps_not_model_calls():
+    """A second call within one step (Heun) blends with the average as it stood before that step."""
+    f = fusion(method="stable", memory=0.75)
+    a, b, c = (torch.full((2, 1, 1, 4, 4), v) for v in (1.0, 2.0, 4.0))
+    assert torch.equal(f._remember(a, 0), a)
+    assert torch.equal(f._remember(b, 1), 0.75 * a + 0.25 * b)
+    assert torch.equal(f._remember(c, 1), 0.75 * a + 0.25 * c)  # the same step again: not 0.75 * (the line above)
+    d = torch.full_like(a, 8.0)
+    assert torch.allclose(f._remember(d, 2), 0.75 * (0.75 * a + 0.25 * c) + 0.25 * d)
+    f.reset()
+    assert torch.equal(f._remember(d, 3), d)  # a new pass starts without memory
+    other = torch.ones(2, 3, 1, 4, 4)  # another batch: no stale average is mixed in
+    assert torch.equal(f._remember(other, 4), other)
+
+
+def _flips(masks) -> float:
+    """The mean share of pixels whose model changes from one fused step to the next."""
+    pairs = [(a, b) for a, b in zip(masks[:-1], masks[1:]) if a is not None and b is not None]
+    return sum(float((a != b).float().mean()) for a, b in pairs) / len(pairs)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_stable_masks_change_less_over_the_steps_and_reset_between_passes(eps_models, sampler):
+    space = space_of(sampler)
+    conds = [Conditioning.simple(10, 11, batch=2), Conditioning.simple(12, 13, batch=2)]
+    hosts = {m: Host(models_for(space, *eps_models), conds, space=space, steps=16, fusion=fusion(**kw))
+             for m, kw in (("own", {"baseline": "own"}), ("stable", {"method": "stable", "memory": 0.9}))}
+    outs = {m: run(sampler, h, batch=2) for m, h in hosts.items()}
+    assert _flips(hosts["stable"].masks) < 0.5 * _flips(hosts["own"].masks), {m: _flips(h.masks) for m, h in hosts.items()}
+    assert not torch.equal(outs["stable"], outs["own"])
+    # the same step object, reset, samples the same picture again
+    again = Host(models_for(space, *eps_models), conds, space=space, steps=16, fusion=hosts["stable"].fusion)
+    hosts["stable"].fusion.reset()
+    assert torch.equal(run(sampler, again, batch=2), outs["stable"])
+
+
+def test_stable_memory_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="MagicFusion: mask memory"):
+        fusion(method="stable", memory=1.0)

@@ -84,7 +84,7 @@ def test_positional_layout_of_every_unit_count(n):
     p = FusionParams.from_dict({**GOOD, **{unit_flat_name(i, "checkpoint"): f"m{i}" for i in range(1, n)},
                                 **{unit_flat_name(i, "enabled"): True for i in range(1, n)}})
     args = p.to_args(n)
-    assert len(args) == len(specs(n)) == 15 + 2 + 6 * (n - 1)
+    assert len(args) == len(specs(n)) == 15 + 3 + 6 * (n - 1)
     assert FusionParams.from_args(args) == p
     assert FusionParams.from_args([dict(GOOD)] + [None] * (len(args) - 1)) == FusionParams.from_dict(GOOD)
     assert len(p.active_units) == n
