@@ -134,6 +134,19 @@ def test_infotext_round_trip_omits_defaults():
         FusionParams.from_infotext({**parsed, "MagicFusion k expert": "lots"})
 
 
+def test_the_stable_method_always_writes_its_mask_memory():
+    """A later default memory must not change what a stable infotext means; other methods leave it out."""
+    stable = FusionParams.from_dict({**GOOD, "method": "stable"})
+    text = stable.infotext()
+    assert text["MagicFusion method"] == "stable" and text["MagicFusion mask memory"] == 0.9
+    assert FusionParams.from_infotext({k: str(v) for k, v in text.items()}) == stable
+    tuned = FusionParams.from_dict({**GOOD, "method": "stable", "mask_memory": 0.5})
+    assert FusionParams.from_infotext({k: str(v) for k, v in tuned.infotext().items()}).mask_memory == 0.5
+    assert "MagicFusion mask memory" not in FusionParams.from_dict(GOOD).infotext()
+    with pytest.raises(MagicFusionError, match="mask_memory"):
+        FusionParams.from_dict({**GOOD, "mask_memory": 1.0})
+
+
 def test_infotext_of_the_first_release_means_the_official_method():
     old = {"MagicFusion expert": "b [1]", "MagicFusion k expert": "1.5", "MagicFusion end": "0.4"}
     p = FusionParams.from_infotext(old)
