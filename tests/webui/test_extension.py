@@ -299,3 +299,33 @@ def test_the_window_counts_sampling_steps_for_every_sampler(webui, sampler, step
     assert record["fused_steps"] == [2, 3, 4, 5], (sampler, record)
     calls = record["model_calls"]
     assert calls["expert 1"] < calls["general"], calls  # outside the window only the general model runs
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DDIM", "Heun"])
+def test_the_stable_method(webui, baseline, sampler):
+    """stable = the switch against each model's own uncond, plus masks averaged over the steps."""
+    def make(**fields):
+        return gen(webui, sampler_name=sampler, seed=31, steps=6, fused=fields)
+
+    own = webui.pixels(make(saliency_baseline="own"))
+    assert np.array_equal(webui.pixels(make(method="stable", mask_memory=0.0)), own)
+    first = make(method="stable")
+    stable = webui.pixels(first)
+    assert np.array_equal(stable, webui.pixels(make(method="stable", saliency_baseline="general")))  # always its own
+    assert webui.differs(stable, own, threshold=0.2)
+    text = webui.info(first)["infotexts"][0]
+    assert "MagicFusion method: stable" in text and "MagicFusion mask memory: 0.9" in text
+    body = {"prompt": PROMPT, "steps": 6, "sampler_name": sampler, "seed": 31, **webui.checkpoint(MAIN),
+            "alwayson_scripts": {"MagicFusion": {"args": [{"infotext": text}]}}}
+    assert np.array_equal(webui.pixels(webui.txt2img(**body)), stable)
+    # hires fix: both passes fuse the same way each time (the memory is per pass), and with memory 0 as the own switch
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_upscaler": "Latent"}
+
+    def make_hr(**fields):
+        return webui.pixels(gen(webui, sampler_name=sampler, seed=32, steps=6, fused=fields, **hires))
+
+    assert np.array_equal(make_hr(method="stable", mask_memory=0.0), make_hr(saliency_baseline="own"))
+    stable_hr = make_hr(method="stable")
+    assert np.array_equal(stable_hr, make_hr(method="stable"))
+    assert webui.differs(stable_hr, webui.pixels(gen(webui, sampler_name=sampler, seed=32, steps=6, **hires)), threshold=0.2)
+    assert_webui_still_plain(webui, baseline)
