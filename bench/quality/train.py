@@ -32,7 +32,7 @@ import world as W  # noqa: E402
 
 STAGES = ("clip", "vae", "vae_mix", "latents", "unets", "general_more", "dreambooth", "export")
 SEED = 1234
-STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "unets": 3000, "general_more": 3000, "dreambooth": 600}
+STEPS = {"vae": 3600, "vae_full": 400, "vae_mix": 2000, "vae_mix_full": 200, "unets": 3000, "general_more": 4000, "dreambooth": 600}
 BATCH = 48
 DROPOUT = 0.1  # prompt dropout (-> "" ) for classifier-free guidance
 LOG_EVERY = 50
