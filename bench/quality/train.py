@@ -321,12 +321,19 @@ def _save(work: str, name: str, unet, run: list, seconds: float) -> None:
                os.path.join(work, f"unet_{name}.pt"))
 
 
+def _training_inputs(work: str, weights: str, data: dict, learnt_table: bool = True):
+    """What every UNet stage trains on: the scaled latents, the text encoder (with the token table
+    an earlier stage learnt, when `learnt_table`) and the token ids of every prompt."""
+    L = torch.load(os.path.join(work, "latents.pt"))
+    te = TextEncoder(os.path.join(work, "clip_base.safetensors"), os.path.join(weights, "clip-words.json"))
+    if learnt_table:
+        te.table.data.copy_(torch.load(os.path.join(work, "te_table.pt"))["table"])
+    return L["latents"] * L["scale_factor"], te, te.ids(data["prompt"].tolist())
+
+
 def stage_unets(work: str, weights: str, data: dict) -> None:
     """The general and the fine expert UNets, trained together with the shared token table."""
-    L = torch.load(os.path.join(work, "latents.pt"))
-    lat_all = L["latents"] * L["scale_factor"]
-    te = TextEncoder(os.path.join(work, "clip_base.safetensors"), os.path.join(weights, "clip-words.json"))
-    ids_all = te.ids(data["prompt"].tolist())
+    lat_all, te, ids_all = _training_inputs(work, weights, data, learnt_table=False)
     sets = data["set"]
     models = {}
     for i, which in enumerate(("general", "fine")):
@@ -346,11 +353,7 @@ def stage_general_more(work: str, weights: str, data: dict) -> None:
     (four textured backgrounds against the expert's one plain one) and were still mixtures
     after the joint steps. The token table stays frozen, so the fine expert's words keep the
     embeddings it learnt."""
-    L = torch.load(os.path.join(work, "latents.pt"))
-    lat_all = L["latents"] * L["scale_factor"]
-    te = TextEncoder(os.path.join(work, "clip_base.safetensors"), os.path.join(weights, "clip-words.json"))
-    te.table.data.copy_(torch.load(os.path.join(work, "te_table.pt"))["table"])
-    ids_all = te.ids(data["prompt"].tolist())
+    lat_all, te, ids_all = _training_inputs(work, weights, data)
     sel = torch.from_numpy(np.nonzero(data["set"] == "general")[0])
     ck = torch.load(os.path.join(work, "unet_general.pt"))
     unet = new_unet()
@@ -364,11 +367,7 @@ def stage_general_more(work: str, weights: str, data: dict) -> None:
 def stage_dreambooth(work: str, weights: str, data: dict) -> None:
     """The general model fine-tuned on the sks images (all in the forest), with prior
     preservation ("a photo of a ball" class images); only the table rows of "sks" learn."""
-    L = torch.load(os.path.join(work, "latents.pt"))
-    lat_all = L["latents"] * L["scale_factor"]
-    te = TextEncoder(os.path.join(work, "clip_base.safetensors"), os.path.join(weights, "clip-words.json"))
-    te.table.data.copy_(torch.load(os.path.join(work, "te_table.pt"))["table"])
-    ids_all = te.ids(data["prompt"].tolist())
+    lat_all, te, ids_all = _training_inputs(work, weights, data)
     sets = data["set"]
     unet = new_unet()
     unet.load_state_dict(torch.load(_general_path(work))["state"])
