@@ -279,6 +279,15 @@ def ensure_fixtures(webui_dir: str, python: str, log=print, *, host: str = "a111
 
 # --------------------------------------------------------------------------- extension
 
+def toy_world_checkpoints(python: str, log=print, host: str = "a1111") -> str:
+    """The trained toy world (bench/quality/) as WebUI checkpoints with their .yaml, assembled
+    into the fixture cache by the WebUI's own python; returns the checkpoints folder."""
+    out = os.path.join(_cache_root(host), "toy-world")
+    log(f"[webui] assembling the toy-world checkpoints into {out}")
+    subprocess.run([python, os.path.join(REPO_ROOT, "bench", "quality", "assemble.py"), "--out", out], check=True)
+    return os.path.join(out, "checkpoints")
+
+
 def link_extension(extensions_dir: str, repo_root: str = REPO_ROOT) -> str:
     """Symlink the repo into ``extensions_dir/sd-webui-magicfusion``, replacing a stale link.
     A real directory there is left alone (an error), never deleted."""
