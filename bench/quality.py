@@ -12,7 +12,8 @@ Methods: the general model alone and the expert alone (each with the one prompt 
 both), the 0.5/0.5 average of the two guided predictions, the official SNB (the paper's code:
 k 1/1, blur 4, the general model's uncond as the saliency reference, fusion at every step), and
 the stable method with its defaults (METHODS below). Results go to bench/results/quality_<mode>.json (per task, per
-method, per sampler), picture grids with the mask strips to bench/results/quality/.
+method, per sampler), picture grids to bench/results/quality/ (one column per task, its first seed;
+one row per method, then the fused methods' final masks, white = expert).
 
 Tasks: "fine" (a general model that knows 4 scenes and a grey ball, an expert that knows 5
 ball variants on a plain background: the scene from one, the variant from the other) and
@@ -204,7 +205,43 @@ def mask_pictures(masks: np.ndarray, size: int = 128) -> np.ndarray:
     return np.repeat((up > 0)[..., None] * 255, 3, axis=-1).astype(np.uint8)
 
 
-def run(mode: str, kinds, samplers, n: int, methods=None, out_name: str | None = None, client=None, grids: int = 8) -> dict:
+def examples(kind: str) -> list:
+    """The tasks of the README's example figure: every scene once, each with another object."""
+    ts = tasks(kind)
+    if kind != "fine":
+        return ts
+    variants = list(dict.fromkeys(t.obj for t in ts))
+    scenes = list(dict.fromkeys(t.scene for t in ts))
+    return [next(t for t in ts if t.scene == sc and t.obj == variants[(i + 1) % len(variants)]) for i, sc in enumerate(scenes)]
+
+
+def labelled(rows: list[np.ndarray], labels: list[str], path: str, pad: int = 2, head: int = 14) -> None:
+    """A figure: one column per label (a method's pictures or masks), one row per example."""
+    from PIL import Image, ImageDraw
+    h, w = rows[0].shape[1:3]
+    canvas = np.full((head + len(rows[0]) * (h + pad), len(rows) * (w + pad), 3), 255, np.uint8)
+    for j, col in enumerate(rows):
+        for i, im in enumerate(col):
+            canvas[head + i * (h + pad):head + i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = im
+    img = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(img)
+    for j, text in enumerate(labels):
+        draw.text((j * (w + pad) + 3, 1), text, fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path)
+
+
+def picks(pairs) -> list[int]:
+    """Indices of one picture per task (its first seed), for the grids."""
+    seen, out = set(), []
+    for i, (t, _) in enumerate(pairs):
+        if t not in seen:
+            seen.add(t)
+            out.append(i)
+    return out
+
+
+def run(mode: str, kinds, samplers, n: int, methods=None, out_name: str | None = None, client=None) -> dict:
     methods = methods or METHODS
     result = {"mode": mode, "n_per_method": n, "steps": STEPS, "cfg": CFG, "machine": platform.processor() or platform.machine(),
               "tasks": {}}
@@ -214,10 +251,12 @@ def run(mode: str, kinds, samplers, n: int, methods=None, out_name: str | None =
         models = toy.load_models()
     for kind in kinds:
         pairs = plan(kind, n)
+        shown = picks(pairs)
+        first = {pairs[i][0]: i for i in shown}
+        example = [first[t] for t in examples(kind) if t in first]
         result["tasks"][kind] = {}
         for sampler in samplers:
-            rows = {}
-            per = {}
+            rows, cols, per = {}, {}, {}
             for method in methods:
                 t0 = time.monotonic()
                 if mode == "harness":
@@ -227,12 +266,18 @@ def run(mode: str, kinds, samplers, n: int, methods=None, out_name: str | None =
                 s = score(images, pairs)
                 s["seconds"] = round(time.monotonic() - t0, 1)
                 per[method.name] = s
-                rows[method.name] = (images[:grids], None if masks is None else mask_pictures(masks[:grids]))
+                rows[method.name] = (images[shown], None if masks is None else mask_pictures(masks[shown]))
+                cols[method.name] = (images[example], None if masks is None else mask_pictures(masks[example]))
                 print(f"[{mode}] {kind:10s} {sampler:8s} {method.name:22s} success {s['success']:.3f} "
                       f"(scene {s['scene']:.2f}, object {s['object']:.2f}; n={s['n']}, {s['seconds']} s)", flush=True)
             result["tasks"][kind][sampler] = per
+            # One column per task (its first seed), one row per method, then the fused methods' final masks.
             picture_rows = [imgs for imgs, _ in rows.values()] + [m for _, m in rows.values() if m is not None]
             grid(picture_rows, os.path.join(RESULTS, "quality", f"{mode}-{kind}-{sampler}.png"))
+            # The README's figure: a few tasks (rows) by method, then the fused methods' masks (columns).
+            masks_of = {f"{name} mask": m for name, (_, m) in cols.items() if m is not None and name != "average"}
+            labelled([imgs for imgs, _ in cols.values()] + list(masks_of.values()), list(cols) + list(masks_of),
+                     os.path.join(RESULTS, "quality", f"{mode}-{kind}-{sampler}-examples.png"))
     path = os.path.join(RESULTS, out_name or f"quality_{mode}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
@@ -268,13 +313,10 @@ class _webui:
     """The test bed's A1111 WebUI, with the toy checkpoints (assembled into the fixture cache)."""
 
     def __enter__(self):
-        import subprocess
         sys.path.insert(0, os.path.join(REPO, "tests", "webui"))
         import server
         webui_dir, python = server.find_install()
-        out = os.path.join(server._cache_root(), "toy-world")
-        subprocess.run([python, os.path.join(HERE, "quality", "assemble.py"), "--out", out], check=True)
-        self.server = server.WebUIServer(webui_dir, python, ckpt_dir=os.path.join(out, "checkpoints"), testbed=False)
+        self.server = server.WebUIServer(webui_dir, python, ckpt_dir=server.toy_world_checkpoints(python), testbed=False)
         self.server.start()
         self.client = server.WebUIClient(self.server)
         return self
