@@ -2,7 +2,9 @@
 
 The fusion math is `SNBFusion.combine` with two Predictions, exactly as the WebUI adapter
 calls it for a k-diffusion sampler (x0 space, per-sample sigma): both models' CFG, their
-guidance terms, the saliency (blur, resize, softmax), the mask and the blend. It is timed
+guidance terms, the saliency (blur, resize, softmax), the mask and the blend; for the
+`stable` method also the moving average of the saliency maps (timed at a step after the first,
+so the average has a past to blend with). It is timed
 against one evaluation of the main model's call, a diffusers UNet2DConditionModel with
 SD1.5's config (random weights) on cond + uncond rows (2 * batch rows).
 
@@ -128,11 +130,16 @@ def main(argv=None) -> int:
                 plan = fusion.plan(0, 20)
                 assert plan.fuse
                 combine = lambda fusion=fusion, plan=plan, preds=preds, sigma=sigma: fusion.combine(plan, preds, "x0", sigma, step=0)
+                stable = SNBFusion(ks=(1.0, 1.0), blur=4, method="stable")
+                stable.combine(plan, preds, "x0", sigma, step=0)  # the average's past
+                combine_stable = lambda fusion=stable, plan=plan, preds=preds, sigma=sigma: fusion.combine(plan, preds, "x0", sigma,
+                                                                                                           step=1)
                 deltas = [(p.cond - p.uncond).float() for p in preds]
                 outs = [guided(p) for p in preds]
                 mask_blend = lambda outs=outs, deltas=deltas: snb.blend(outs, snb.fusion_mask(deltas, (1.0, 1.0), 4))
                 cfg_one = lambda preds=preds: guided(preds[0])
                 t_combine = time_fn(torch, combine, args.math_reps, sync)
+                t_stable = time_fn(torch, combine_stable, args.math_reps, sync)
                 t_mask = time_fn(torch, mask_blend, args.math_reps, sync)
                 t_cfg = time_fn(torch, cfg_one, args.math_reps, sync)
                 u = C.median(unet_times)
@@ -142,17 +149,21 @@ def main(argv=None) -> int:
                        "unet_s": C.summary(unet_times), "combine_s": C.summary(t_combine),
                        "mask_blend_s": C.summary(t_mask), "plain_cfg_s": C.summary(t_cfg),
                        "combine_pct_of_unet": 100 * C.median(t_combine) / u,
+                       "combine_stable_s": C.summary(t_stable), "combine_stable_pct_of_unet": 100 * C.median(t_stable) / u,
                        "mask_blend_pct_of_unet": 100 * C.median(t_mask) / u}
                 rows.append(row)
                 print(f"[fusion-math] latent {size}x{size} batch {batch}: UNet ({2 * batch} rows) {u * 1e3:9.1f} ms | "
                       f"combine {C.median(t_combine) * 1e3:7.3f} ms = {row['combine_pct_of_unet']:.3f} % | "
+                      f"stable {C.median(t_stable) * 1e3:7.3f} ms = {row['combine_stable_pct_of_unet']:.3f} % | "
                       f"mask+blend {C.median(t_mask) * 1e3:7.3f} ms = {row['mask_blend_pct_of_unet']:.3f} % | "
                       f"plain CFG {C.median(t_cfg) * 1e3:.3f} ms", flush=True)
-    worst = max(r["combine_pct_of_unet"] for r in rows)
+    worst = max(max(r["combine_pct_of_unet"], r["combine_stable_pct_of_unet"]) for r in rows)
     result = {"machine": info, "device": str(device), "dtype": str(dtype), "unet_params": sum(p.numel() for p in unet.parameters()),
-              "rows": rows, "goal": "combine < 1 % of one UNet evaluation", "worst_combine_pct": worst, "goal_met": worst < 1.0}
+              "rows": rows, "goal": "combine < 1 % of one UNet evaluation (either method)", "worst_combine_pct": worst,
+              "goal_met": worst < 1.0}
     path = C.write_result(args.out or f"fusion_math_{device.type}", result)
-    print(f"[fusion-math] worst: combine = {worst:.3f} % of a UNet evaluation -> goal {'MET' if worst < 1 else 'MISSED'}; {path}")
+    verdict = "MET" if worst < 1 else "MISSED"
+    print(f"[fusion-math] worst: combine (official or stable) = {worst:.3f} % of a UNet evaluation -> goal {verdict}; {path}")
     return 0
 
 

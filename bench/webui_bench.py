@@ -8,7 +8,8 @@ once with the WebUI's Python and cached), then, on the CPU:
    fused(expert, w=1), plain, fused(expert = main, w=1), plain ...; every
    fused run is divided by the mean of the plain runs just before and after it; medians.
    outside_window = general; the expert = main case uses two prompts and one negative
-   prompt (the extension batches the expert's cond rows into the main call);
+   prompt (the extension batches the expert's cond rows into the main call); a config
+   `stable@W` is the expert case with the stable method;
 2. memory: the WebUI process's peak resident set (VmHWM, reset through /proc/PID/clear_refs
    before each measured generation) for plain, expert = main, the first fused generation
    (which loads the expert), a cached fused generation and an expert switch, against the
@@ -20,7 +21,9 @@ once with the WebUI's Python and cached), then, on the CPU:
     .venv/bin/python bench/webui_bench.py --profile             # 256px/4 steps x5 rounds, 512px/2 steps x2
     .venv/bin/python bench/webui_bench.py --profile --phase 128:2:5:expert@1,main@1 --phase 128:4:3:expert@0.5,expert@0.25
 
-Writes bench/results/webui_cpu.json (and webui_profile_*.txt with --profile).
+    .venv/bin/python bench/webui_bench.py --phase 256:4:5:expert@1,stable@1 --out webui_cpu_stable
+
+Writes bench/results/webui_cpu.json, or --out's name (and webui_profile_*.txt with --profile).
 """
 
 from __future__ import annotations
@@ -72,9 +75,10 @@ class Bench:
                 "save_images": False, "send_images": False,
                 "override_settings": {"sd_model_checkpoint": MAIN}, "override_settings_restore_afterwards": False}
         if mode != "plain":
-            expert = {"expert": EXPERT, "expert2": EXPERT2, "main": MAIN}[mode]
+            expert = {"expert": EXPERT, "stable": EXPERT, "expert2": EXPERT2, "main": MAIN}[mode]
+            method = "stable" if mode == "stable" else "official"
             body["alwayson_scripts"] = {"MagicFusion": {"args": [{
-                "enabled": True, "expert_checkpoint": expert, "expert_prompt": EXPERT_PROMPT,
+                "enabled": True, "expert_checkpoint": expert, "expert_prompt": EXPERT_PROMPT, "method": method,
                 "fusion_start": 0.0, "fusion_end": w, "outside_window": "general"}]}}
         return body
 
@@ -227,6 +231,7 @@ def main(argv=None) -> int:
                     help="an interleaved phase, e.g. 128:2:5:expert@1,main@1 (repeatable); the first phase's size "
                          "and steps also serve the memory and loading measurements")
     ap.add_argument("--profile", action="store_true", help="py-spy the first (cold load) and second (cached) fused generations")
+    ap.add_argument("--out", default="webui_cpu", help="result name in bench/results (default: webui_cpu)")
     args = ap.parse_args(argv)
 
     webui_dir, python = S.find_install()
@@ -288,7 +293,7 @@ def main(argv=None) -> int:
             key = f"{ph['size']}px/{ph['steps']}steps"
             speed.setdefault(key, {"size": ph["size"], "steps": ph["steps"]}).update(
                 interleaved(b, ph["size"], ph["configs"], ph["rounds"]))
-            C.write_result("webui_cpu", {**result, "speed": speed, "runs": b.log})
+            C.write_result(args.out, {**result, "speed": speed, "runs": b.log})
         b.steps = steps
         ref = next(v for v in speed.values() if "expert@1.0" in v and v["size"] == small and v["steps"] == steps)
 
@@ -329,9 +334,9 @@ def main(argv=None) -> int:
             "goal_main_as_expert_adds_no_weights": st_main["expert_bytes"] == 0 and st_main["expert_loads"] == 0,
         }
         result.update(speed=speed, memory=memory, loading=loading, runs=b.log)
-        C.write_result("webui_cpu", result)
+        C.write_result(args.out, result)
 
-        C.write_result("webui_cpu", result)
+        C.write_result(args.out, result)
     finally:
         srv.stop()
 
