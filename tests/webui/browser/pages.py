@@ -97,10 +97,15 @@ def browser_session(headless: bool = True):
 class UIServer:
     """A WebUI with its Gradio page, a private checkpoint dir and a small-defaults ui-config."""
 
-    def __init__(self, log=print, ui_defaults: dict[str, Any] | None = None):
+    def __init__(self, log=print, ui_defaults: dict[str, Any] | None = None, checkpoints: str | None = None,
+                 main_checkpoint: str | None = None):
+        """checkpoints: a folder of checkpoints to serve instead of the test fixtures' (e.g. the
+        toy world's); main_checkpoint: the one the WebUI loads at start (a name in it, no suffix)."""
         self.server_mod = _load_server_module()
         self.log = log
         self.ui_defaults = {**UI_DEFAULTS, **(ui_defaults or {})}
+        self.checkpoints = checkpoints
+        self.main_checkpoint = main_checkpoint
         self.tmp = None
         self.srv = None
 
@@ -111,14 +116,16 @@ class UIServer:
         self.tmp = tempfile.mkdtemp(prefix="magicfusion-browser-")
         self.ckpt_dir = os.path.join(self.tmp, "checkpoints")
         os.makedirs(self.ckpt_dir)
-        src = os.path.join(fixtures, "checkpoints")
+        src = self.checkpoints or os.path.join(fixtures, "checkpoints")
         for name in sorted(os.listdir(src)):  # links: the shared cache is never written to
             os.symlink(os.path.join(src, name), os.path.join(self.ckpt_dir, name))
         ui_config = os.path.join(self.tmp, "ui-config.json")
         with open(ui_config, "w") as f:
             json.dump(self.ui_defaults, f, indent=1)
-        self.srv = sm.WebUIServer(webui_dir, python, log=self.log, ui=True, ckpt_dir=self.ckpt_dir,
-                                  extra_args=("--ui-config-file", ui_config))
+        extra = ("--ui-config-file", ui_config)
+        if self.main_checkpoint:
+            extra += ("--ckpt", os.path.join(self.ckpt_dir, self.main_checkpoint + ".safetensors"))
+        self.srv = sm.WebUIServer(webui_dir, python, log=self.log, ui=True, ckpt_dir=self.ckpt_dir, extra_args=extra)
         try:
             self.srv.start()
         except BaseException:

@@ -5,10 +5,11 @@
 
 Needs what the browser tests need (tests/webui/browser/README.md): an A1111 install, the
 system Chromium and the playwright package. It starts its own WebUI (with the Gradio page, on
-127.0.0.1, offline), takes the pictures and stops everything again. The pictures come from the
-tiny random test checkpoints, so the generated image is noise by design; they show the
-controls, the gallery with the fusion masks and the infotext. Emoji (the refresh button) need
-an emoji font on the machine, e.g. Debian's fonts-noto-color-emoji.
+127.0.0.1, offline) serving the trained toy world of bench/quality/ (assembled into the fixture
+cache), takes the pictures and stops everything again: the general toy model as the main
+checkpoint asked for a ball in the snow, the fine-grained toy expert asked for a blue striped
+ball, the default (official) settings, DDIM, the seed of SHOT below. Emoji (the refresh button)
+need an emoji font on the machine, e.g. Debian's fonts-noto-color-emoji.
 """
 
 from __future__ import annotations
@@ -26,22 +27,33 @@ import pages  # noqa: E402
 DOCS = os.path.join(pages.REPO_ROOT, "docs")
 ACCORDION_PNG = "magicfusion-accordion.png"
 GENERATION_PNG = "magicfusion-generation.png"
-SIZE, STEPS = 256, 8
+# The fine-grained application of the toy world: the scene from the general model, the ball from
+# the expert. The seed is one where the default (official) method gets both right in the quality
+# bench's harness (python bench/quality.py harness), which gives the WebUI's pixels on DDIM.
+SHOT = {"prompt": "a photo of a ball in the snow", "expert": "toy-fine", "expert_prompt": "a photo of a blue striped ball",
+        "seed": 1003}
+SIZE, STEPS, CFG = 128, 25, 7
 
 SHOT_DEFAULTS = {f"{tab}/{key}": SIZE for tab in pages.TABS for key in ("Width/value", "Height/value")} | {
-    f"customscript/sampler.py/{tab}/Sampling steps/value": STEPS for tab in pages.TABS}
+    f"{tab}/CFG Scale/value": CFG for tab in pages.TABS} | {f"{tab}/Prompt/value": SHOT["prompt"] for tab in pages.TABS} | {
+    f"customscript/sampler.py/{tab}/Sampling steps/value": STEPS for tab in pages.TABS} | {
+    f"customscript/sampler.py/{tab}/Sampling method/value": "DDIM" for tab in pages.TABS} | {
+    f"customscript/seed.py/{tab}/Seed/value": SHOT["seed"] for tab in pages.TABS}
 
 
 def take(out_dir: str, log=print) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    with pages.UIServer(log=log, ui_defaults=SHOT_DEFAULTS) as srv, pages.browser_session() as browser:
+    server_mod = pages._load_server_module()
+    _, python = server_mod.find_install()
+    checkpoints = server_mod.toy_world_checkpoints(python, log)
+    with pages.UIServer(log=log, ui_defaults=SHOT_DEFAULTS, checkpoints=checkpoints, main_checkpoint="toy-general") as srv, \
+            pages.browser_session() as browser:
         web = pages.WebUIPage(browser, srv.url, viewport=(1400, 1100), log_tail=srv.log_tail).open()
         tab = "txt2img"
         web.set_enabled(tab, True)
-        web.choose_expert(tab, "tiny-eps-b")
-        web.set_value(tab, "expert_prompt", "a red ball on a table, studio light")
-        web.set_value(tab, "k_expert", 2.5)
+        web.choose_expert(tab, SHOT["expert"])
+        web.set_value(tab, "expert_prompt", SHOT["expert_prompt"])
         web.set_value(tab, "show_mask", True)
         web.page.locator("body").click(position={"x": 2, "y": 2})  # no focus ring in the picture
         time.sleep(0.5)
