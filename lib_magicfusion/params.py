@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MagicFusionError", "FusionParams", "UnitParams", "Spec", "specs", "spec", "MAX_UNITS", "METHODS",
+__all__ = ["MagicFusionError", "FusionParams", "UnitParams", "Spec", "specs", "spec", "MAX_UNITS", "METHODS", "MEMORY_METHODS",
            "GLOBAL_SPECS", "UNIT_FIELDS", "LEGACY_NAMES", "flat_names", "unit_flat_name"]
 
 # Controls that are not fields, by the text they show, with their hover hints.
@@ -33,6 +33,7 @@ BUTTON_HINTS = {UNLOAD_SYMBOL: "MagicFusion: unload the expert checkpoints now (
 MAX_TEXT = 20_000
 MAX_UNITS = 4
 METHODS = ("official", "average", "stable")
+MEMORY_METHODS = ("stable",)  # the methods that use mask_memory
 
 
 class MagicFusionError(ValueError):
@@ -433,7 +434,7 @@ class FusionParams:
         out: dict[str, Any] = {}
         for s in GLOBAL_SPECS:
             value = getattr(self, s.attr)
-            if s.infotext and (value != s.default or s.name == "method" or (s.name == "mask_memory" and self.method == "stable")):
+            if s.infotext and (value != s.default or s.name == "method" or (s.name == "mask_memory" and self.method in MEMORY_METHODS)):
                 out[s.infotext] = value
         for i in self.active_units:
             for s in _UNIT_SPECS[i]:

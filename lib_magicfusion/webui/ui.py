@@ -15,7 +15,7 @@ from modules import sd_models, shared
 from modules.ui_common import create_refresh_button
 from modules.ui_components import FormRow, InputAccordion, ToolButton
 
-from ..params import UNLOAD_SYMBOL, FusionParams, MagicFusionError, Spec, is_fused_infotext, specs, unit_flat_name
+from ..params import MEMORY_METHODS, UNLOAD_SYMBOL, FusionParams, MagicFusionError, Spec, is_fused_infotext, specs, unit_flat_name
 from .checkpoints import checkpoint_titles
 
 SLIDERS = {  # the UI's ranges by spec attribute; the API accepts the params model's wider ones
@@ -48,21 +48,25 @@ def build(tab: str):
     def eid(name):
         return f"magicfusion_{tab}_{name}"
 
-    def control(s: Spec):
+    def control(s: Spec, visible: bool = True):
         if s.kind == "bool":
             return gr.Checkbox(value=s.default, label=s.label, elem_id=eid(s.name))
         if s.kind == "choice":
             return gr.Radio(choices=list(s.choices), value=s.default, label=s.label, elem_id=eid(s.name))
         if s.attr in SLIDERS:
             lo, hi, step = SLIDERS[s.attr]
-            return gr.Slider(minimum=lo, maximum=hi, step=step, value=s.default, label=s.label, elem_id=eid(s.name))
+            return gr.Slider(minimum=lo, maximum=hi, step=step, value=s.default, label=s.label, elem_id=eid(s.name),
+                             visible=visible)
         return gr.Textbox(value=s.default, label=s.label, lines=2, elem_id=eid(s.name), placeholder="Empty: the main one")
 
     with InputAccordion(False, label="MagicFusion", elem_id=eid("enabled")) as enabled:
         comps["enabled"] = enabled
         with FormRow():
             comps["method"] = control(by_name["method"])
-            comps["mask_memory"] = control(by_name["mask_memory"])
+            # Shown only for a method that uses it; hidden, it still holds (and pastes) its value.
+            comps["mask_memory"] = control(by_name["mask_memory"], visible=by_name["method"].default in MEMORY_METHODS)
+            comps["method"].change(fn=_memory_control, inputs=[comps["method"]], outputs=[comps["mask_memory"]],
+                                   show_progress="hidden")
             unload = ToolButton(value=UNLOAD_SYMBOL, elem_id=eid("unload_expert"))
             unload.click(fn=_unload_experts, inputs=[], outputs=[])
         with gr.Tabs(elem_id=eid("units")):
@@ -95,6 +99,10 @@ def build(tab: str):
     # "Send to img2img" copies by these functions, so they must be the same objects.
     fields = [(enabled, _is_fused)] + [(comps[s.name], PASTERS[s.name]) for s in layout if s.name in PASTERS]
     return components, fields, [_is_fused, *(PASTERS[s.name] for s in layout if s.name in PASTERS)]
+
+
+def _memory_control(method: str):
+    return gr.update(visible=method in MEMORY_METHODS)
 
 
 def _unload_experts() -> None:

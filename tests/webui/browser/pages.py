@@ -40,6 +40,7 @@ TABS = ("txt2img", "img2img")
 UNITS = 2  # the unit tabs the accordion shows by default
 SPEC = {s.name: s for s in specs(UNITS)}
 CONTROL_NAMES = tuple(name for name in SPEC if name != "enabled")  # "enabled" is the accordion itself
+SHOWN_BY = {"mask_memory": ("method", "stable")}  # controls the accordion shows only for one choice of another
 GEN_TIMEOUT_MS = 180_000  # a 64x64 image takes 0.1 s alone, but the 2 cores may be shared
 
 # Small, fast generation defaults for both tabs (A1111's ui-config.json keys).
@@ -270,7 +271,14 @@ class WebUIPage:
         return self.mf(tab, name).locator("span[data-testid='block-info']").first
 
     def show_unit(self, tab: str, name: str) -> None:
-        """Bring the unit tab that holds control `name` to the front (a global control: nothing)."""
+        """Bring control `name` into view: the unit tab that holds it to the front; a control shown
+        only for one choice of another (SHOWN_BY) gets that choice."""
+        if name in SHOWN_BY:
+            other, value = SHOWN_BY[name]
+            if self.get_value(tab, other) != value:
+                self.set_value(tab, other, value)
+            self.mf(tab, name).wait_for(state="visible")
+            return
         unit = SPEC[name].unit
         if unit is None:
             return

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from . import pages
-from .pages import CONTROL_NAMES, SPEC, TABS
+from .pages import CONTROL_NAMES, SHOWN_BY, SPEC, TABS
 
 ENABLED_HINT = SPEC["enabled"].hint
 FIXTURE_NAMES = sorted(f"{name}.safetensors" for name in pages._load_server_module().CHECKPOINTS)
@@ -79,13 +79,19 @@ def test_accordion_has_every_control_at_its_default(web, tab):
     assert web.is_open(tab) and not web.enabled(tab), "unticking the box must leave the accordion open"
     tabs = web.mf(tab, "units").locator(":scope > .tab-nav > button").all_inner_texts()
     assert [t.strip() for t in tabs] == ["Expert 1", "Expert 2"], tabs
+    for name, (other, value) in SHOWN_BY.items():
+        assert SPEC[other].default != value and not web.mf(tab, name).is_visible(), \
+            f"{tab}: {name} shows although {other} is not {value!r}"
     for name in CONTROL_NAMES:
-        web.show_unit(tab, name)
+        web.show_unit(tab, name)  # also makes a SHOWN_BY control's choice (after that control's own check)
         box = web.mf(tab, name)
         assert box.is_visible(), f"{tab}: control {name} is not visible"
         label = SPEC[name].label
         assert box.get_by_text(label, exact=True).count() >= 1, f"{tab}: {name} lacks its label {label!r}"
         assert web.get_value(tab, name) == SPEC[name].default, f"{tab}: {name} does not start at its default"
+    for name, (other, _) in SHOWN_BY.items():  # back to the default choice: hidden again
+        web.set_value(tab, other, SPEC[other].default)
+        web.mf(tab, name).wait_for(state="hidden")
     for unit in ("expert", "expert2"):
         web.show_unit(tab, f"{unit}_checkpoint")
         assert web.mf(tab, f"{unit}_checkpoint_refresh").is_visible()
@@ -115,6 +121,8 @@ def test_every_control_shows_its_hint_on_hover(web, tab):
     refresh = web.mf(tab, "expert_checkpoint_refresh")
     refresh.hover()
     assert refresh.get_attribute("title") == "Expert checkpoint: refresh"
+    for other, _ in SHOWN_BY.values():
+        web.set_value(tab, other, SPEC[other].default)
 
 
 def test_expert_dropdown_lists_checkpoints_and_refresh_finds_a_new_one(web, ui_server):
