@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from . import snb
-from .params import METHODS
+from .params import MEMORY_METHODS, METHODS
 
 Space = Literal["x0", "eps"]
 Kind = Literal["x0", "eps", "v"]
@@ -300,7 +300,7 @@ class SNBFusion:
         if all(p.uncond is not None for p in preds):
             deltas, temperatures = self._saliency_inputs(preds, space, sigma)
             maps = snb.stacked_saliency(deltas, temperatures, self.blur, region)
-            if self.method == "stable":
+            if self.method in MEMORY_METHODS:
                 maps = self._remember(maps, step)
             mask = torch.argmax(maps, dim=0)
             self.last_mask = mask

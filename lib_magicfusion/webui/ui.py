@@ -49,15 +49,15 @@ def build(tab: str):
         return f"magicfusion_{tab}_{name}"
 
     def control(s: Spec, visible: bool = True):
+        common = {"value": s.default, "label": s.label, "elem_id": eid(s.name), "visible": visible}
         if s.kind == "bool":
-            return gr.Checkbox(value=s.default, label=s.label, elem_id=eid(s.name))
+            return gr.Checkbox(**common)
         if s.kind == "choice":
-            return gr.Radio(choices=list(s.choices), value=s.default, label=s.label, elem_id=eid(s.name))
+            return gr.Radio(choices=list(s.choices), **common)
         if s.attr in SLIDERS:
             lo, hi, step = SLIDERS[s.attr]
-            return gr.Slider(minimum=lo, maximum=hi, step=step, value=s.default, label=s.label, elem_id=eid(s.name),
-                             visible=visible)
-        return gr.Textbox(value=s.default, label=s.label, lines=2, elem_id=eid(s.name), placeholder="Empty: the main one")
+            return gr.Slider(minimum=lo, maximum=hi, step=step, **common)
+        return gr.Textbox(lines=2, placeholder="Empty: the main one", **common)
 
     with InputAccordion(False, label="MagicFusion", elem_id=eid("enabled")) as enabled:
         comps["enabled"] = enabled

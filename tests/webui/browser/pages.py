@@ -28,7 +28,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(WEBUI_TESTS))
 if REPO_ROOT not in sys.path:  # for lib_magicfusion.params when run as a script
     sys.path.insert(0, REPO_ROOT)
 
-from lib_magicfusion.params import specs  # noqa: E402 - pure Python, no torch / WebUI import
+from lib_magicfusion.params import MEMORY_METHODS, specs  # noqa: E402 - pure Python, no torch / WebUI import
 
 ENV_CHROMIUM = "MAGICFUSION_CHROMIUM"
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
@@ -40,7 +40,7 @@ TABS = ("txt2img", "img2img")
 UNITS = 2  # the unit tabs the accordion shows by default
 SPEC = {s.name: s for s in specs(UNITS)}
 CONTROL_NAMES = tuple(name for name in SPEC if name != "enabled")  # "enabled" is the accordion itself
-SHOWN_BY = {"mask_memory": ("method", "stable")}  # controls the accordion shows only for one choice of another
+SHOWN_BY = {"mask_memory": ("method", MEMORY_METHODS[0])}  # controls the accordion shows only for one choice of another
 GEN_TIMEOUT_MS = 180_000  # a 64x64 image takes 0.1 s alone, but the 2 cores may be shared
 
 # Small, fast generation defaults for both tabs (A1111's ui-config.json keys).
