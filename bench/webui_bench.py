@@ -335,8 +335,6 @@ def main(argv=None) -> int:
         }
         result.update(speed=speed, memory=memory, loading=loading, runs=b.log)
         C.write_result(args.out, result)
-
-        C.write_result(args.out, result)
     finally:
         srv.stop()
 
